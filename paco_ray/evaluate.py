@@ -1,0 +1,121 @@
+"""Accuracy metrics for long-tailed classification, and ``python -m paco_ray.evaluate CHECKPOINT``."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from .data.longtail import ClassInfo
+
+TABLE_COLUMNS = ("top1", "top5", "balanced_acc", "many", "medium", "few")
+
+
+@torch.no_grad()
+def per_class_counts(model: torch.nn.Module, batches: Iterable, normalize, num_classes: int,
+                     device: torch.device) -> torch.Tensor:
+    """(3, C) int64: images, top-1 hits and top-5 hits per true class, summed over DDP ranks."""
+    counts = torch.zeros(3, num_classes, dtype=torch.long, device=device)
+    k = min(5, num_classes)
+    was_training = model.training
+    model.eval()
+    for images, labels in batches:
+        labels = labels.to(device)
+        logits = model(normalize(images))
+        topk = logits.topk(k, dim=1).indices
+        hits1 = topk[:, 0] == labels
+        hits5 = (topk == labels.unsqueeze(1)).any(1)
+        counts[0].index_add_(0, labels, torch.ones_like(labels))
+        counts[1].index_add_(0, labels, hits1.long())
+        counts[2].index_add_(0, labels, hits5.long())
+    model.train(was_training)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    return counts.cpu()
+
+
+def metrics_from_counts(counts: torch.Tensor, classes: ClassInfo) -> dict[str, float]:
+    """top1/top5 over images; balanced accuracy and many/medium/few as means of per-class accuracy
+    (classes absent from the split are left out; a group with no class is NaN)."""
+    total, hits1, hits5 = counts.double()
+    present = total > 0
+    per_class = torch.where(present, hits1 / total.clamp(min=1), torch.tensor(float("nan"), dtype=torch.double))
+    groups = classes.shot_groups()
+    metrics = {
+        "top1": 100 * hits1.sum().item() / max(total.sum().item(), 1),
+        "top5": 100 * hits5.sum().item() / max(total.sum().item(), 1),
+        "balanced_acc": 100 * per_class[present].mean().item() if present.any() else float("nan"),
+    }
+    for group in ("many", "medium", "few"):
+        members = torch.tensor([g == group for g in groups]) & present
+        metrics[group] = 100 * per_class[members].mean().item() if members.any() else float("nan")
+    metrics["per_class"] = [100 * a for a in per_class.tolist()]
+    return metrics
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """Rows of metrics (e.g. {'val': ..., 'test': ...}) as a fixed-width text table."""
+    lines = ["split  " + "".join(f"{c:>14}" for c in TABLE_COLUMNS)]
+    for name, m in rows.items():
+        cells = "".join(f"{'-' if math.isnan(m[c]) else format(m[c], '.2f'):>14}" for c in TABLE_COLUMNS)
+        lines.append(f"{name:<7}{cells}")
+    return "\n".join(lines)
+
+
+def format_per_class(metrics: dict, classes: ClassInfo) -> str:
+    groups = classes.shot_groups()
+    lines = [f"{'class':<16}{'train imgs':>11}{'group':>8}{'acc':>8}"]
+    for name, n, g, acc in zip(classes.names, classes.train_counts, groups, metrics["per_class"]):
+        lines.append(f"{name[:15]:<16}{n:>11}{g:>8}{acc:>8.2f}")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(path: str, splits: list[str]) -> tuple[dict[str, dict], ClassInfo]:
+    """Rebuild the model and data named by a checkpoint and evaluate it on ``splits``."""
+    from .checkpoint import load_state
+    from .config import TrainConfig
+    from .data.datasets import load_splits
+    from .data.loaders import build_loaders
+    from .train import build_model
+
+    state = load_state(path)
+    cfg = TrainConfig.from_dict(state["config"])
+    data = load_splits(cfg.data)
+    classes = ClassInfo.from_dict(state["classes"])
+    model = build_model(cfg, classes.num_classes, data.in_channels)
+    model.load_state_dict(state["model"])
+    device = torch.device("cpu")
+    loaders = build_loaders(data, cfg.data, rank=0, world_size=1, seed=cfg.seed, device=device)
+    results = {}
+    for split in splits:
+        counts = per_class_counts(model, loaders.eval(split), loaders.normalize, classes.num_classes, device)
+        results[split] = metrics_from_counts(counts, classes)
+    return results, classes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m paco_ray.evaluate", description=__doc__)
+    parser.add_argument("checkpoint", help="checkpoint directory (holding state.pt) or state.pt file")
+    parser.add_argument("--split", action="append", choices=("train", "val", "test"),
+                        help="split to evaluate (repeatable; default: test)")
+    parser.add_argument("--per-class", action="store_true", help="also print per-class accuracy")
+    args = parser.parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    try:
+        results, classes = evaluate_checkpoint(args.checkpoint, args.split or ["test"])
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    if args.per_class:
+        for split, m in results.items():
+            print(f"\n[{split}]\n{format_per_class(m, classes)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

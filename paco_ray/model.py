@@ -1,0 +1,126 @@
+"""PaCoModel: query encoder, projector, classifier (the class centers), key encoder and queue."""
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backbones import build_backbone
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every DDP rank in rank order (identity without DDP)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+class KeyQueue(nn.Module):
+    """Ring buffer of the last ``size`` keys and their labels; empty slots have label -1.
+
+    ``enqueue`` gathers keys from all DDP ranks first, so every rank holds the same queue.
+    Any batch size works: writes wrap around the end of the buffer.
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("keys", torch.zeros(size, dim))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.keys.shape[0]
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor) -> None:
+        keys, labels = all_gather_cat(keys.detach()), all_gather_cat(labels)
+        if keys.shape[0] > self.size:
+            keys, labels = keys[-self.size:], labels[-self.size:]
+        slots = (self.ptr + torch.arange(keys.shape[0], device=self.ptr.device)) % self.size
+        self.keys[slots] = keys.to(self.keys.dtype)
+        self.labels[slots] = labels
+        self.ptr.copy_((self.ptr + keys.shape[0]) % self.size)
+
+    def filled(self) -> torch.Tensor:
+        """Number of occupied slots (a 0-dim tensor, no device sync)."""
+        return (self.labels >= 0).sum()
+
+
+class PaCoOutput(NamedTuple):
+    logits: torch.Tensor        # (B, C) center logits, before the log prior
+    q: torch.Tensor             # (B, D) normalised query projections
+    k: torch.Tensor             # (B, D) normalised key projections (no grad)
+    queue_keys: torch.Tensor    # (K, D) queue before this batch was enqueued
+    queue_labels: torch.Tensor  # (K,) -1 for empty slots
+
+
+def projection_head(in_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+
+
+class PaCoModel(nn.Module):
+    """Encoder + classifier, plus for contrastive losses a projector, a key encoder and a queue.
+
+    ``key_encoder``: ``"momentum"`` (PaCo: EMA copy of encoder and projector), ``"shared"``
+    (GPaCo: keys from the query encoder without gradient) or ``None`` (CE / Balanced Softmax).
+    """
+
+    def __init__(self, backbone: str, num_classes: int, in_channels: int = 3, proj_dim: int = 128,
+                 queue_size: int = 8192, momentum: float = 0.999, key_encoder: str | None = "momentum"):
+        super().__init__()
+        if key_encoder not in ("momentum", "shared", None):
+            raise ValueError(f"key_encoder must be 'momentum', 'shared' or None, got {key_encoder!r}")
+        self.encoder, feature_dim = build_backbone(backbone, in_channels)
+        self.classifier = nn.Linear(feature_dim, num_classes)
+        self.key_mode = key_encoder
+        self.momentum = momentum
+        if key_encoder is not None:
+            self.projector = projection_head(feature_dim, proj_dim)
+            self.queue = KeyQueue(queue_size, proj_dim)
+        if key_encoder == "momentum":
+            self.key_encoder = copy.deepcopy(self.encoder)
+            self.key_projector = copy.deepcopy(self.projector)
+            for p in self._key_params():
+                p.requires_grad_(False)
+
+    def _query_params(self) -> list[torch.Tensor]:
+        return [*self.encoder.parameters(), *self.projector.parameters()]
+
+    def _key_params(self) -> list[torch.Tensor]:
+        return [*self.key_encoder.parameters(), *self.key_projector.parameters()]
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """key <- m * key + (1 - m) * query, over encoder and projector parameters."""
+        key_params = self._key_params()
+        torch._foreach_mul_(key_params, self.momentum)
+        torch._foreach_add_(key_params, self._query_params(), alpha=1.0 - self.momentum)
+
+    def forward(self, x_q: torch.Tensor, x_k: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor | PaCoOutput:
+        """Logits for ``x_q`` alone; with a key view and labels (training, contrastive) a PaCoOutput.
+
+        The training call also updates the key encoder and enqueues this batch's keys.
+        """
+        features = self.encoder(x_q)
+        logits = self.classifier(features)
+        if x_k is None or self.key_mode is None:
+            return logits
+        q = F.normalize(self.projector(features), dim=1)
+        with torch.no_grad():
+            if self.key_mode == "momentum":
+                self.momentum_update()
+                k = self.key_projector(self.key_encoder(x_k))
+            else:
+                k = self.projector(self.encoder(x_k))
+            k = F.normalize(k, dim=1)
+            queue_keys, queue_labels = self.queue.keys.clone(), self.queue.labels.clone()
+            self.queue.enqueue(k, labels)
+        return PaCoOutput(logits, q, k, queue_keys, queue_labels)

@@ -1,0 +1,333 @@
+"""Training: ``train_loop_per_worker`` for a Ray Train TorchTrainer, ``fit`` to launch it, and the
+CLI ``python -m paco_ray.train [CONFIG.yaml] [--set key=value ...] [--workers N] [--gpu]``.
+
+The loop reads top to bottom: build data, model and optimizer; resume if a checkpoint exists;
+then per epoch train, evaluate on the validation split and report metrics with the full state.
+It talks to Ray only through a small session object, so it also runs in-process (LocalSession).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import CheckpointError, load_state, rng_states, save_state, set_rng_states
+from .config import ConfigError, TrainConfig, load_config
+from .data.datasets import load_splits
+from .data.loaders import build_loaders
+from .data.longtail import ClassInfo
+from .evaluate import format_table, metrics_from_counts, per_class_counts
+from .losses import balanced_softmax, cross_entropy, paco_loss
+from .model import PaCoModel
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> PaCoModel:
+    key_encoder = {"paco": "momentum", "gpaco": "shared"}.get(cfg.loss)
+    return PaCoModel(cfg.model.backbone, num_classes, in_channels, cfg.model.proj_dim,
+                     cfg.paco.queue_size, cfg.paco.momentum, key_encoder)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear warmup from 1/warmup_steps to 1, then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def compute_loss(cfg: TrainConfig, out, labels: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+    if cfg.contrastive:
+        p = cfg.paco
+        return paco_loss(out.q, out.k, out.queue_keys, labels, out.queue_labels, out.logits, log_prior,
+                         alpha=p.alpha, beta=p.beta, gamma=p.gamma, temperature=p.temperature)
+    if cfg.loss == "balanced_softmax":
+        return balanced_softmax(out, labels, log_prior)
+    return cross_entropy(out, labels)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+class LocalSession:
+    """One in-process worker: checkpoints go to ``out_dir/epoch_NNNN``; metrics are kept in a list."""
+
+    def __init__(self, out_dir: str | os.PathLike, resume_from: str | os.PathLike | None = None,
+                 device: str = "cpu"):
+        self.rank, self.world_size, self.device = 0, 1, torch.device(device)
+        self.out_dir, self.resume_from = Path(out_dir), resume_from
+        self.reports: list[dict[str, Any]] = []
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def load_checkpoint(self) -> dict | None:
+        return load_state(self.resume_from) if self.resume_from else None
+
+    def report(self, metrics: dict[str, Any], state: dict | None) -> None:
+        if state is not None:
+            metrics = {**metrics, "checkpoint_path": str(save_state(self.out_dir / f"epoch_{metrics['epoch']:04d}", state).parent)}
+        self.reports.append(metrics)
+
+
+class RaySession:
+    """The current Ray Train worker: rank, device, DDP wrapping, checkpoints through Ray storage."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def load_checkpoint(self) -> dict | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return load_state(directory)
+
+    def report(self, metrics: dict[str, Any], state: dict | None) -> None:
+        import ray.train
+
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            save_state(directory, state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, session) -> None:
+    """Train ``cfg`` on this worker; every epoch report validation metrics and the full state."""
+    rank, world_size, device = session.rank, session.world_size, session.device
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+
+    data = load_splits(cfg.data)
+    classes = data.classes
+    loaders = build_loaders(data, cfg.data, rank=rank, world_size=world_size, seed=cfg.seed, device=device)
+    counts = torch.tensor(classes.train_counts, dtype=torch.float, device=device)
+    log_prior = (counts / counts.sum()).log()
+
+    model = session.prepare_model(build_model(cfg, classes.num_classes, data.in_channels))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+                                nesterov=cfg.optim.nesterov)
+    steps_per_epoch = len(data.train) // cfg.data.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} exceeds the {len(data.train)} training images")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
+        step, cfg.optim.warmup_epochs * steps_per_epoch, cfg.optim.epochs * steps_per_epoch))
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = getattr(torch, cfg.amp_dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+
+    start_epoch = 0
+    state = session.load_checkpoint()
+    if state is not None:
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"])
+        start_epoch = state["epoch"]
+
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        # ---- train one epoch
+        model.train()
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        seen = torch.zeros(len(data.train), dtype=torch.int32, device=device)
+        steps = 0
+        for x_q, x_k, labels, index in loaders.train(epoch):
+            x_q, labels = loaders.normalize(x_q), labels.to(device, non_blocking=True)
+            x_k = loaders.normalize(x_k) if cfg.contrastive else None
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                out = model(x_q, x_k, labels)
+                loss = compute_loss(cfg, out, labels, log_prior)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.detach()
+            seen[index.to(device)] += 1
+            steps += 1
+        epoch_loss = all_reduce_sum(loss_sum / max(steps, 1)).item() / world_size
+        if not math.isfinite(epoch_loss):
+            raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1} ({epoch_loss})")
+        seen = all_reduce_sum(seen)
+        elapsed = time.perf_counter() - started
+
+        # ---- evaluate on the validation split (sharded, counts summed over ranks)
+        val = metrics_from_counts(
+            per_class_counts(model, loaders.eval("val"), loaders.normalize, classes.num_classes, device), classes)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": epoch_loss,
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": int(seen.sum().item()) / elapsed,
+            "epoch_time_s": elapsed,
+            "train_samples": int((seen > 0).sum().item()),
+            "train_duplicate_samples": int((seen > 1).sum().item()),
+            **{f"val_{k}": v for k, v in val.items() if k != "per_class"},
+        }
+        if cfg.contrastive:
+            metrics["queue_fill"] = unwrap(model).queue.filled().item() / cfg.paco.queue_size
+
+        # ---- report, with the full state from rank 0
+        full_state = None
+        if rank == 0:
+            full_state = {
+                "config": cfg.to_dict(), "classes": classes.to_dict(), "epoch": epoch + 1,
+                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(),
+                "metrics": metrics,
+            }
+        session.report(metrics, full_state)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker."""
+    train(TrainConfig.from_dict(config), RaySession())
+
+
+# ----------------------------------------------------------------------------- launching
+
+
+def fit(cfg: TrainConfig):
+    """Run ``cfg`` as a Ray Train TorchTrainer (connects to or starts Ray); return the Result.
+
+    Re-running with the same ``storage_path`` and ``name`` resumes from the last checkpoint.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=worker_resources(cfg)),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name, storage_path=cfg.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                                         checkpoint_score_attribute="val_balanced_acc",
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+    )
+    return trainer.fit()
+
+
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    return resources
+
+
+def check_fits_cluster(cfg: TrainConfig) -> None:
+    """Fail fast (instead of waiting forever) when the workers cannot be placed on this cluster."""
+    import ray
+
+    total = ray.cluster_resources()
+    for name, per_worker in worker_resources(cfg).items():
+        have = total.get(name, 0)
+        if per_worker * cfg.workers > have + 1e-9:
+            raise ConfigError(f"workers: {cfg.workers} workers x {per_worker} {name} exceed the cluster's {have:g} {name}")
+
+
+def best_checkpoint(result) -> str:
+    """Path of the reported checkpoint with the highest validation balanced accuracy."""
+    candidates = result.best_checkpoints or []
+    if not candidates:
+        raise CheckpointError(f"run {result.path!r} reported no checkpoint")
+    checkpoint, _ = max(candidates, key=lambda cm: cm[1].get("val_balanced_acc", float("-inf")))
+    return checkpoint.path
+
+
+def final_evaluation(checkpoint_path: str) -> dict[str, dict]:
+    from .evaluate import evaluate_checkpoint
+
+    results, _ = evaluate_checkpoint(checkpoint_path, ["val", "test"])
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m paco_ray.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", nargs="?", help="YAML config (default: the embedded Fashion-MNIST-LT job)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set loss=ce --set paco.temperature=0.1")
+    parser.add_argument("--workers", type=int, help="number of Ray Train workers")
+    parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                        help="one GPU per worker, NCCL, AMP")
+    args = parser.parse_args(argv)
+    overrides = list(args.set)
+    if args.workers is not None:
+        overrides.append(f"workers={args.workers}")
+    if args.gpu is not None:
+        overrides.append(f"use_gpu={str(args.gpu).lower()}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    started = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    try:
+        check_fits_cluster(cfg)
+        result = fit(cfg)
+        if result.error is not None:
+            print(f"error: training failed: {result.error}", file=sys.stderr)
+            return 1
+        path = best_checkpoint(result)
+        table = final_evaluation(path)
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"\n{cfg.run_name}: loss={cfg.loss}, {cfg.optim.epochs} epochs, {cfg.workers} workers, "
+          f"{time.perf_counter() - started:.0f} s")
+    print(f"best checkpoint (val balanced accuracy): {path}")
+    print(format_table(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
