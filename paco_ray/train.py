@@ -267,7 +267,7 @@ def check_fits_cluster(cfg: TrainConfig) -> None:
     for name, per_worker in worker_resources(cfg).items():
         have = total.get(name, 0)
         if per_worker * cfg.workers > have + 1e-9:
-            raise ConfigError(f"workers: {cfg.workers} workers x {per_worker} {name} exceed the cluster's {have:g} {name}")
+            raise ConfigError(f"workers: {cfg.workers} workers x {per_worker:g} {name} exceed the cluster's {have:g} {name}")
 
 
 def best_checkpoint(result) -> str:
@@ -330,4 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Re-enter through the package so Ray pickles train_loop_per_worker by reference.
+    from paco_ray.train import main as package_main
+
+    sys.exit(package_main())

@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny Fashion-MNIST in its real IDX layout, tiny configs, one Ray cluster."""
+import os
+
+import numpy as np
+import pytest
+
+from paco_ray.config import load_config
+from paco_ray.data.idx import write_idx
+
+
+def make_fashion_root(root, per_class=30, test_per_class=4):
+    """A tiny dataset in the exact IDX layout of Fashion-MNIST; pixel (0, 0) holds the label."""
+    rng = np.random.default_rng(0)
+    train_labels = rng.permutation(np.repeat(np.arange(10), per_class)).astype(np.uint8)
+    test_labels = np.repeat(np.arange(10), test_per_class).astype(np.uint8)
+
+    def images(labels):
+        out = rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+        out[:, 0, 0] = labels
+        return out
+
+    train_images = images(train_labels)
+    write_idx(root / "train-images-idx3-ubyte.gz", train_images)
+    write_idx(root / "train-labels-idx1-ubyte.gz", train_labels)
+    write_idx(root / "t10k-images-idx3-ubyte", images(test_labels))  # uncompressed works too
+    write_idx(root / "t10k-labels-idx1-ubyte", test_labels)
+    return root, train_labels, train_images
+
+
+@pytest.fixture(scope="session")
+def fashion_root(tmp_path_factory):
+    root, *_ = make_fashion_root(tmp_path_factory.mktemp("fashion"), per_class=40, test_per_class=6)
+    return root
+
+
+@pytest.fixture
+def tiny_config(fashion_root, tmp_path):
+    """Overrides -> a config that trains a few steps per epoch on the tiny dataset."""
+    def make(*overrides):
+        return load_config(None, [
+            f"data.root={fashion_root}", "data.max_per_class=30", "data.imbalance_factor=10",
+            "data.val_per_class=5", "data.batch_size=16", "workers=1", "optim.epochs=2",
+            "paco.queue_size=37", f"storage_path={tmp_path / 'runs'}", *overrides])
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray instance for every Ray test (2 CPUs); its auth token lives in a temp HOME."""
+    ray = pytest.importorskip("ray")
+    home = tmp_path_factory.mktemp("home")
+    saved = {k: os.environ.get(k) for k in ("HOME", "RAY_TRAIN_V2_ENABLED")}
+    os.environ["HOME"] = str(home)
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

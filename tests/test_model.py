@@ -1,0 +1,105 @@
+"""KeyQueue, momentum encoder and PaCoModel outputs; queue gather across 2 gloo processes."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from paco_ray.backbones import BACKBONES, build_backbone
+from paco_ray.model import KeyQueue, PaCoModel
+
+
+def test_queue_wraps_around_with_size_not_a_multiple_of_batch():
+    queue = KeyQueue(size=7, dim=2)
+    assert queue.filled().item() == 0 and (queue.labels == -1).all()
+    written = []
+    for step in range(4):  # 4 batches of 3 keys into 7 slots
+        keys = torch.arange(6, dtype=torch.float).view(3, 2) + 100 * step
+        labels = torch.arange(3) + 10 * step
+        queue.enqueue(keys, labels)
+        written += list(zip(keys, labels))
+    # The ring holds the last 7 keys; slot of the n-th key written is n % 7.
+    for n, (key, label) in enumerate(written[-7:], start=len(written) - 7):
+        assert torch.equal(queue.keys[n % 7], key) and queue.labels[n % 7] == label
+    assert queue.ptr.item() == 12 % 7 and queue.filled().item() == 7
+
+
+def test_queue_keeps_last_keys_when_batch_exceeds_size():
+    queue = KeyQueue(size=4, dim=1)
+    queue.enqueue(torch.arange(6, dtype=torch.float).view(6, 1), torch.arange(6))
+    assert sorted(queue.labels.tolist()) == [2, 3, 4, 5]
+    assert torch.equal(queue.keys.view(-1), queue.labels.float())  # each key stored beside its own label
+
+
+def test_momentum_update_is_an_ema_of_query_parameters():
+    model = PaCoModel("resnet_small28", num_classes=3, in_channels=1, proj_dim=8, queue_size=5, momentum=0.9)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    before_k = [p.clone() for p in model._key_params()]
+    model.momentum_update()
+    for k_old, k_new, q in zip(before_k, model._key_params(), model._query_params()):
+        torch.testing.assert_close(k_new, 0.9 * k_old + 0.1 * q)
+    assert not any(p.requires_grad for p in model._key_params())
+
+
+def test_forward_returns_snapshot_then_enqueues():
+    torch.manual_seed(0)
+    model = PaCoModel("resnet_small28", num_classes=3, in_channels=1, proj_dim=8, queue_size=5, momentum=0.9)
+    x = torch.randn(4, 1, 28, 28)
+    labels = torch.tensor([0, 1, 2, 1])
+    out = model(x, x.flip(-1), labels)
+    assert out.logits.shape == (4, 3) and out.q.shape == out.k.shape == (4, 8)
+    torch.testing.assert_close(out.q.norm(dim=1), torch.ones(4))
+    assert (out.queue_labels == -1).all()  # snapshot from before this batch
+    assert model.queue.filled().item() == 4 and out.q.requires_grad and not out.k.requires_grad
+    out2 = model(x, x, labels)
+    assert (out2.queue_labels >= 0).sum() == 4
+    assert model(x).shape == (4, 3)  # inference: logits only
+
+
+def test_gpaco_has_no_key_encoder_and_baselines_no_queue():
+    gpaco = PaCoModel("resnet_small28", 3, 1, 8, 5, key_encoder="shared")
+    assert not hasattr(gpaco, "key_encoder") and hasattr(gpaco, "queue")
+    out = gpaco(torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))
+    assert not out.k.requires_grad
+    baseline = PaCoModel("resnet_small28", 3, 1, key_encoder=None)
+    assert not hasattr(baseline, "queue")
+    assert baseline(torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28), torch.tensor([0, 1])).shape == (2, 3)
+
+
+@pytest.mark.parametrize("name,channels,size,dim", [
+    ("resnet_small28", 1, 28, 64), ("resnet32", 3, 32, 64), ("resnet18", 3, 64, 512)])
+def test_backbones_produce_pooled_features(name, channels, size, dim):
+    net, feature_dim = build_backbone(name, channels)
+    assert feature_dim == dim
+    assert net(torch.randn(2, channels, size, size)).shape == (2, dim)
+
+
+def test_large_backbones_are_registered():
+    for name, dim in (("resnet50", 2048), ("resnext50_32x4d", 2048)):
+        assert build_backbone(name, 3)[1] == dim
+    assert {"resnet18", "resnet50", "resnext50_32x4d", "resnet32", "resnet_small28"} <= set(BACKBONES)
+
+
+def _gather_worker(rank: int, world: int, init_file: str, out_dir: str):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    queue = KeyQueue(size=5, dim=2)
+    for step in range(2):  # 2 steps x 2 ranks x 2 keys = 8 keys into 5 slots
+        keys = torch.full((2, 2), float(100 * step + 10 * rank)) + torch.arange(2.0).view(2, 1)
+        queue.enqueue(keys, torch.tensor([rank, rank]) + 2 * step)
+    torch.save({"keys": queue.keys, "labels": queue.labels, "ptr": queue.ptr}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_enqueue_gathers_across_two_gloo_processes(tmp_path):
+    mp.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    q0, q1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    for name in ("keys", "labels", "ptr"):
+        assert torch.equal(q0[name], q1[name])  # every rank holds the same queue
+    # Written in rank order per step: step 0 -> [r0, r0, r1, r1], step 1 -> [r0, r0, r1, r1].
+    order = [(100 * s + 10 * r + i, r + 2 * s) for s in range(2) for r in range(2) for i in range(2)]
+    for n, (value, label) in enumerate(order[-5:], start=len(order) - 5):
+        assert q0["keys"][n % 5, 0].item() == value and q0["labels"][n % 5].item() == label
+    assert q0["ptr"].item() == 8 % 5
