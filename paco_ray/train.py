@@ -212,6 +212,9 @@ def train(cfg: TrainConfig, session) -> None:
         # ---- report, with the full state from rank 0
         full_state = None
         if rank == 0:
+            print(f"epoch {epoch + 1}/{cfg.optim.epochs}  loss {epoch_loss:.4f}  "
+                  f"val top1 {val['top1']:.2f}  balanced {val['balanced_acc']:.2f}  "
+                  f"({elapsed:.1f} s, {metrics['images_per_s']:.0f} img/s)", flush=True)
             full_state = {
                 "config": cfg.to_dict(), "classes": classes.to_dict(), "epoch": epoch + 1,
                 "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
