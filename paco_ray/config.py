@@ -48,11 +48,11 @@ class ModelConfig:
 
 @dataclass
 class PaCoConfig:
-    alpha: float = 0.05
+    alpha: float = 0.005  # scale down with few classes: alpha x same-class keys should stay O(1)
     beta: float = 1.0
     gamma: float = 1.0
     temperature: float = 0.2
-    queue_size: int = 4096
+    queue_size: int = 1024
     momentum: float = 0.99  # key-encoder EMA
 
 
@@ -80,6 +80,7 @@ class TrainConfig:
     name: str = ""  # empty: derived from dataset, loss and seed
     keep_checkpoints: int = 2
     max_failures: int = 0
+    log_level: str = "WARNING"  # Ray Train's own log lines; progress is printed by rank 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     paco: PaCoConfig = field(default_factory=PaCoConfig)
@@ -158,6 +159,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.workers >= 1, "workers", "must be >= 1", cfg.workers)
     _check(cfg.cpus_per_worker > 0, "cpus_per_worker", "must be > 0", cfg.cpus_per_worker)
     _check(cfg.amp_dtype in ("bfloat16", "float16"), "amp_dtype", "must be bfloat16 or float16", cfg.amp_dtype)
+    _check(cfg.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
+           "must be DEBUG, INFO, WARNING or ERROR", cfg.log_level)
     _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", cfg.keep_checkpoints)
     _check(cfg.max_failures >= -1, "max_failures", "must be >= -1 (-1: retry forever)", cfg.max_failures)
     _check(bool(cfg.storage_path), "storage_path", "must not be empty", cfg.storage_path)
@@ -197,6 +200,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(o.lr > 0, "optim.lr", "must be > 0", o.lr)
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
     _check(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)", o.momentum)
+    _check(o.momentum > 0 or not o.nesterov, "optim.nesterov", "needs optim.momentum > 0", o.nesterov)
     _check(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", "must be in [0, optim.epochs)",
            o.warmup_epochs)
 

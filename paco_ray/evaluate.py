@@ -87,7 +87,8 @@ def evaluate_checkpoint(path: str, splits: list[str]) -> tuple[dict[str, dict], 
     classes = ClassInfo.from_dict(state["classes"])
     model = build_model(cfg, classes.num_classes, data.in_channels)
     model.load_state_dict(state["model"])
-    device = torch.device("cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
     loaders = build_loaders(data, cfg.data, rank=0, world_size=1, seed=cfg.seed, device=device)
     results = {}
     for split in splits:

@@ -143,7 +143,10 @@ def train(cfg: TrainConfig, session) -> None:
     counts = torch.tensor(classes.train_counts, dtype=torch.float, device=device)
     log_prior = (counts / counts.sum()).log()
 
-    model = session.prepare_model(build_model(cfg, classes.num_classes, data.in_channels))
+    model = build_model(cfg, classes.num_classes, data.in_channels)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = session.prepare_model(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                 momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
                                 nesterov=cfg.optim.nesterov)
@@ -159,7 +162,12 @@ def train(cfg: TrainConfig, session) -> None:
     start_epoch = 0
     state = session.load_checkpoint()
     if state is not None:
-        unwrap(model).load_state_dict(state["model"])
+        try:
+            unwrap(model).load_state_dict(state["model"])
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[-1].strip()
+            raise CheckpointError(f"checkpoint does not fit this model ({cfg.model.backbone}, "
+                                  f"{classes.num_classes} classes): {first}") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -212,9 +220,11 @@ def train(cfg: TrainConfig, session) -> None:
         # ---- report, with the full state from rank 0
         full_state = None
         if rank == 0:
-            print(f"epoch {epoch + 1}/{cfg.optim.epochs}  loss {epoch_loss:.4f}  "
-                  f"val top1 {val['top1']:.2f}  balanced {val['balanced_acc']:.2f}  "
-                  f"({elapsed:.1f} s, {metrics['images_per_s']:.0f} img/s)", flush=True)
+            # sys.stdout, not print: Ray Train patches print() into a logger that echoes twice
+            sys.stdout.write(f"epoch {epoch + 1}/{cfg.optim.epochs}  loss {epoch_loss:.4f}  "
+                             f"val top1 {val['top1']:.2f}  balanced {val['balanced_acc']:.2f}  "
+                             f"({elapsed:.1f} s, {metrics['images_per_s']:.0f} img/s)\n")
+            sys.stdout.flush()
             full_state = {
                 "config": cfg.to_dict(), "classes": classes.to_dict(), "epoch": epoch + 1,
                 "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -250,7 +260,8 @@ def fit(cfg: TrainConfig):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                          checkpoint_score_attribute="val_balanced_acc",
                                                          checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level=cfg.log_level)),
     )
     return trainer.fit()
 
@@ -313,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        ray.init(dashboard_host="127.0.0.1", configure_logging=False)
     try:
         check_fits_cluster(cfg)
         result = fit(cfg)

@@ -38,14 +38,16 @@ def test_yaml_file_and_overrides(tmp_path):
     ("optim.lr=0", "optim.lr"),
     ("optim.warmup_epochs=15", "optim.warmup_epochs"),
     ("optim.epochs=2.5", "optim.epochs"),
-    ("optim.nesterov=yes please", "optim.nesterov"),
+    ("optim.nesterov=maybe", "optim.nesterov"),
     ("paco.queue_size=big", "paco.queue_size"),
     ("paco.alpah=0.1", "paco.alpah"),
     ("amp_dtype=float8", "amp_dtype"),
+    ("log_level=LOUD", "log_level"),
+    ("optim.momentum=0 optim.nesterov=true", "optim.nesterov"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_config(None, override.split())
     message = str(err.value)
     assert key in message and "\n" not in message
 
@@ -83,3 +85,9 @@ def test_cli_prints_one_line_error_and_exit_code_2(capsys):
     assert train_cli.main(["--set", "paco.temperature=0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: paco.temperature: must be > 0")
+
+
+def test_shipped_example_config_is_the_embedded_default():
+    from pathlib import Path
+    example = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist_lt.yaml"
+    assert load_config(example) == load_config()

@@ -85,3 +85,10 @@ def test_resume_refuses_a_broken_checkpoint(tiny_config, tmp_path):
         train(tiny_config(), LocalSession(tmp_path / "out", resume_from=broken))
     with pytest.raises(CheckpointError, match="does not exist"):
         train(tiny_config(), LocalSession(tmp_path / "out", resume_from=tmp_path / "nowhere"))
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tiny_config, tmp_path):
+    first = LocalSession(tmp_path / "a")
+    train(tiny_config("optim.epochs=1", "optim.warmup_epochs=0", "model.proj_dim=8"), first)
+    with pytest.raises(CheckpointError, match=r"does not fit this model \(resnet_small28, 10 classes\).*size mismatch"):
+        train(tiny_config("model.proj_dim=16"), LocalSession(tmp_path / "b", resume_from=first.reports[-1]["checkpoint_path"]))
