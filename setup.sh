@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(dataset-fashion-mnist)
+# Fashion-MNIST IDX files (the embedded default); OpenCV and libjpeg-turbo headers that FFCV builds against.
+APT_PACKAGES=(dataset-fashion-mnist libopencv-dev libturbojpeg0-dev pkg-config)
 PYTHON=${PYTHON:-python3.11}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

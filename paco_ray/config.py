@@ -17,7 +17,8 @@ import yaml
 
 LOSSES = ("paco", "gpaco", "balanced_softmax", "ce")
 DATASETS = ("fashion_mnist_lt",)
-LOADERS = ("torch",)
+LOADERS = ("ffcv", "torch")
+AUGMENTS = ("small", "imagenet")
 
 
 class ConfigError(ValueError):
@@ -26,15 +27,20 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
+    path: str = ""  # prepared dataset directory (python -m pipelines.*); empty: the embedded default
+    # The embedded default, prepared into cache_dir on first use when path is empty:
     dataset: str = "fashion_mnist_lt"
     root: str = "/usr/share/datasets/fashion-mnist"
     imbalance_factor: float = 100.0
     max_per_class: int = 5000
     val_per_class: int = 500
+    cache_dir: str = "~/.cache/paco_ray"
     batch_size: int = 128  # global, split evenly across workers
     eval_batch_size: int = 1024
-    num_workers: int = 0  # loader processes per training worker
-    loader: str = "torch"
+    num_workers: int = 1  # loader workers (FFCV threads or DataLoader processes) per training worker
+    loader: str = "ffcv"
+    augment: str = "small"  # small: pad-crop + flip | imagenet: resized crop + flip, colour on the key view
+    image_size: int = 0  # training crop size; 0: the stored size (small family only)
     crop_padding: int = 2
     randaugment_ops: int = 0  # RandAugment on the query view; 0 = off
     randaugment_magnitude: int = 9
@@ -169,6 +175,10 @@ def validate(cfg: TrainConfig) -> None:
     d = cfg.data
     _check(d.dataset in DATASETS, "data.dataset", f"must be one of {', '.join(DATASETS)}", d.dataset)
     _check(d.loader in LOADERS, "data.loader", f"must be one of {', '.join(LOADERS)}", d.loader)
+    _check(d.augment in AUGMENTS, "data.augment", f"must be one of {', '.join(AUGMENTS)}", d.augment)
+    _check(d.image_size >= 0, "data.image_size", "must be >= 0", d.image_size)
+    _check(d.image_size > 0 or d.augment != "imagenet", "data.image_size", "must be > 0 with data.augment=imagenet",
+           d.image_size)
     _check(d.imbalance_factor >= 1, "data.imbalance_factor", "must be >= 1", d.imbalance_factor)
     _check(d.max_per_class >= 1, "data.max_per_class", "must be >= 1", d.max_per_class)
     _check(d.val_per_class >= 1, "data.val_per_class", "must be >= 1", d.val_per_class)
@@ -177,6 +187,8 @@ def validate(cfg: TrainConfig) -> None:
            f"must be divisible by workers={cfg.workers}", d.batch_size)
     _check(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1", d.eval_batch_size)
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
+    _check(d.loader != "ffcv" or d.num_workers >= 1, "data.num_workers", "must be >= 1 with data.loader=ffcv",
+           d.num_workers)
     _check(d.crop_padding >= 0, "data.crop_padding", "must be >= 0", d.crop_padding)
     _check(d.randaugment_ops >= 0, "data.randaugment_ops", "must be >= 0", d.randaugment_ops)
     _check(0 <= d.randaugment_magnitude <= 30, "data.randaugment_magnitude", "must be in [0, 30]",
@@ -246,6 +258,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     raw = apply_overrides(raw, overrides or [])
     cfg = TrainConfig.from_dict(raw)
     cfg.storage_path = _absolute_storage(cfg.storage_path)
+    if cfg.data.path:  # absolute: Ray and Tune change the working directory
+        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
     return cfg
 
 

@@ -77,15 +77,15 @@ def evaluate_checkpoint(path: str, splits: list[str]) -> tuple[dict[str, dict], 
     """Rebuild the model and data named by a checkpoint and evaluate it on ``splits``."""
     from .checkpoint import load_state
     from .config import TrainConfig
-    from .data.datasets import load_splits
     from .data.loaders import build_loaders
+    from .data.prepared import PreparedDataset, resolve_dataset
     from .train import build_model
 
     state = load_state(path)
     cfg = TrainConfig.from_dict(state["config"])
-    data = load_splits(cfg.data)
+    data = PreparedDataset.open(resolve_dataset(cfg.data))
     classes = ClassInfo.from_dict(state["classes"])
-    model = build_model(cfg, classes.num_classes, data.in_channels)
+    model = build_model(cfg, classes.num_classes, data.channels)
     model.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -106,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .data.prepared import DatasetError
     try:
         results, classes = evaluate_checkpoint(args.checkpoint, args.split or ["test"])
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as err:
+    except (CheckpointError, ConfigError, DatasetError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_table(results))

@@ -21,9 +21,8 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointError, load_state, rng_states, save_state, set_rng_states
 from .config import ConfigError, TrainConfig, load_config
-from .data.datasets import load_splits
 from .data.loaders import build_loaders
-from .data.longtail import ClassInfo
+from .data.prepared import DatasetError, PreparedDataset, resolve_dataset
 from .evaluate import format_table, metrics_from_counts, per_class_counts
 from .losses import balanced_softmax, cross_entropy, paco_loss
 from .model import PaCoModel
@@ -137,22 +136,22 @@ def train(cfg: TrainConfig, session) -> None:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
-    data = load_splits(cfg.data)
+    data = PreparedDataset.open(resolve_dataset(cfg.data))
     classes = data.classes
     loaders = build_loaders(data, cfg.data, rank=rank, world_size=world_size, seed=cfg.seed, device=device)
     counts = torch.tensor(classes.train_counts, dtype=torch.float, device=device)
     log_prior = (counts / counts.sum()).log()
 
-    model = build_model(cfg, classes.num_classes, data.in_channels)
+    model = build_model(cfg, classes.num_classes, data.channels)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model = session.prepare_model(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                 momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
                                 nesterov=cfg.optim.nesterov)
-    steps_per_epoch = len(data.train) // cfg.data.batch_size
+    steps_per_epoch = data.size("train") // cfg.data.batch_size
     if steps_per_epoch == 0:
-        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} exceeds the {len(data.train)} training images")
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} exceeds the {data.size('train')} training images")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
         step, cfg.optim.warmup_epochs * steps_per_epoch, cfg.optim.epochs * steps_per_epoch))
     use_amp = cfg.amp and device.type == "cuda"
@@ -179,7 +178,7 @@ def train(cfg: TrainConfig, session) -> None:
         model.train()
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        seen = torch.zeros(len(data.train), dtype=torch.int32, device=device)
+        seen = torch.zeros(data.size("train"), dtype=torch.int32, device=device)
         steps = 0
         for x_q, x_k, labels, index in loaders.train(epoch):
             x_q, labels = loaders.normalize(x_q), labels.to(device, non_blocking=True)
@@ -250,6 +249,7 @@ def fit(cfg: TrainConfig):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    cfg.data.path = str(resolve_dataset(cfg.data))  # prepare once here, not in every worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         path = best_checkpoint(result)
         table = final_evaluation(path)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, DatasetError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"\n{cfg.run_name}: loss={cfg.loss}, {cfg.optim.epochs} epochs, {cfg.workers} workers, "

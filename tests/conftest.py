@@ -33,14 +33,30 @@ def fashion_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_dataset(fashion_root, tmp_path_factory):
+    """The tiny Fashion-MNIST prepared by the real pipeline (IF 10, 30 images in the head class)."""
+    from pipelines.fashion_mnist import prepare
+    return prepare(fashion_root, tmp_path_factory.mktemp("prepared") / "tiny", imbalance_factor=10,
+                   max_per_class=30, val_per_class=5)
+
+
 @pytest.fixture
-def tiny_config(fashion_root, tmp_path):
-    """Overrides -> a config that trains a few steps per epoch on the tiny dataset."""
+def ffcv_uncompiled():
+    """Run FFCV pipelines uncompiled: same operations, no numba compile wait."""
+    from ffcv.pipeline.compiler import Compiler
+    Compiler.set_enabled(False)
+    yield
+    Compiler.set_enabled(True)
+
+
+@pytest.fixture
+def tiny_config(tiny_dataset, tmp_path):
+    """Overrides -> a config that trains a few steps per epoch on the tiny dataset (torch loader)."""
     def make(*overrides):
         return load_config(None, [
-            f"data.root={fashion_root}", "data.max_per_class=30", "data.imbalance_factor=10",
-            "data.val_per_class=5", "data.batch_size=16", "workers=1", "optim.epochs=2",
-            "paco.queue_size=37", f"storage_path={tmp_path / 'runs'}", *overrides])
+            f"data.path={tiny_dataset}", "data.loader=torch", "data.num_workers=0", "data.batch_size=16",
+            "workers=1", "optim.epochs=2", "paco.queue_size=37", f"storage_path={tmp_path / 'runs'}", *overrides])
     return make
 
 

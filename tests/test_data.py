@@ -8,7 +8,8 @@ import torch
 from paco_ray.config import DataConfig
 from paco_ray.data.datasets import fashion_mnist_lt
 from paco_ray.data.idx import read_idx, write_idx
-from paco_ray.data.loaders import TorchLoaders
+from paco_ray.data.loaders import build_loaders
+from paco_ray.data.prepared import PreparedDataset
 from conftest import make_fashion_root
 from paco_ray.data.longtail import ClassInfo, exponential_profile, longtail_split, scaled_shot_thresholds
 
@@ -100,29 +101,39 @@ def test_real_fashion_mnist_lt_default_split():
     assert torch.bincount(splits.test.labels).tolist() == [1000] * 10
 
 
-def test_two_view_loader_shards_are_disjoint_and_views_differ(tmp_path):
-    root, *_ = make_fashion_root(tmp_path)
-    splits = fashion_mnist_lt(root, imbalance_factor=10, max_per_class=20, val_per_class=5)
-    cfg = DataConfig(root=str(root), batch_size=8)
+@pytest.mark.parametrize("loader", ["ffcv", "torch"])
+def test_two_view_loader_shards_are_disjoint_and_views_differ(loader, tiny_dataset, ffcv_uncompiled):
+    data = PreparedDataset.open(tiny_dataset)
+    cfg = DataConfig(path=str(tiny_dataset), batch_size=8, loader=loader, num_workers=1, eval_batch_size=7)
+    labels = torch.tensor(data.labels["train"])
     seen = []
     for rank in (0, 1):
-        loaders = TorchLoaders(splits, cfg, rank=rank, world_size=2, seed=3, device=torch.device("cpu"))
+        loaders = build_loaders(data, cfg, rank=rank, world_size=2, seed=3, device=torch.device("cpu"))
         indices = []
-        for x_q, x_k, labels, index in loaders.train(epoch=0):
-            assert x_q.shape == x_k.shape == (4, 1, 28, 28) and x_q.dtype == torch.uint8
-            assert torch.equal(labels, splits.train.labels[index])  # labels aligned with the views
-            assert not torch.equal(x_q, x_k)
+        for x_q, x_k, y, index in loaders.train(epoch=0):
+            assert x_q.shape == x_k.shape and x_q.shape[0] == 4 and x_q.shape[-2:] == (28, 28)
+            assert x_q.dtype == torch.uint8
+            assert torch.equal(y, labels[index])  # labels aligned with both views
+            assert not torch.equal(x_q, x_k)  # two independent augmentations
             indices += index.tolist()
         assert len(indices) == len(set(indices))  # each sample at most once per epoch
         seen.append(set(indices))
-        # same (seed, epoch, rank) -> same batches; another epoch -> another order
         again = [i for *_, index in loaders.train(epoch=0) for i in index.tolist()]
-        assert again == indices
+        assert again == indices  # the order of epoch e is a function of (seed, e, rank)
         assert [i for *_, index in loaders.train(epoch=1) for i in index.tolist()] != indices
+        assert loaders.normalize(x_q).shape == (4, 1, 28, 28)  # grayscale back to 1 channel
+        eval_labels = torch.cat([y for _, y in loaders.eval("test")])
+        assert torch.equal(eval_labels, torch.tensor(data.labels["test"][rank::2]))
     assert not seen[0] & seen[1]
-    n = len(splits.train)
+    n = data.size("train")
     assert len(seen[0] | seen[1]) == (n // 2 // 4) * 4 * 2  # everything but the drop_last remainder
-    eval_shards = [TorchLoaders(splits, cfg, rank=r, world_size=2, seed=3, device=torch.device("cpu")).eval("test")
-                   for r in (0, 1)]
-    sizes = [sum(len(y) for _, y in shard) for shard in eval_shards]
-    assert sum(sizes) == len(splits.test)  # eval shards cover the split without padding
+
+
+def test_ffcv_and_torch_decode_the_same_pixels(tiny_dataset, ffcv_uncompiled):
+    data = PreparedDataset.open(tiny_dataset)
+    batches = {}
+    for loader in ("ffcv", "torch"):
+        cfg = DataConfig(path=str(tiny_dataset), loader=loader, num_workers=1, eval_batch_size=100)
+        loaders = build_loaders(data, cfg, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+        batches[loader] = torch.cat([loaders.normalize(x) for x, _ in loaders.eval("val")])
+    assert torch.equal(batches["ffcv"], batches["torch"])  # raw .beton round-trips the pixels

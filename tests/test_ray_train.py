@@ -6,15 +6,14 @@ import pytest
 from paco_ray import evaluate as evaluate_cli
 from paco_ray import train as train_cli
 from paco_ray.checkpoint import load_state
-from paco_ray.data.longtail import exponential_profile
+from paco_ray.data.prepared import PreparedDataset
 
 pytestmark = pytest.mark.ray
 
 
-def test_two_worker_run_reports_metrics_and_checkpoints(ray_cluster, fashion_root, tmp_path, capsys):
+def test_two_worker_run_reports_metrics_and_checkpoints(ray_cluster, tiny_dataset, tmp_path, capsys):
     storage = tmp_path / "runs"
-    args = ["--workers", "2", "--set", f"data.root={fashion_root}", "--set", "data.max_per_class=30",
-            "--set", "data.imbalance_factor=10", "--set", "data.val_per_class=5", "--set", "data.batch_size=16",
+    args = ["--workers", "2", "--set", f"data.path={tiny_dataset}", "--set", "data.batch_size=16",
             "--set", "optim.epochs=2", "--set", "paco.queue_size=37", "--set", "cpus_per_worker=0.5",
             "--set", f"storage_path={storage}", "--set", "name=two-workers", "--set", "keep_checkpoints=5"]
     assert train_cli.main(args) == 0
@@ -27,7 +26,7 @@ def test_two_worker_run_reports_metrics_and_checkpoints(ray_cluster, fashion_roo
     states = [load_state(c) for c in checkpoints]
     assert sorted(s["epoch"] for s in states) == [1, 2]
     metrics = max(states, key=lambda s: s["epoch"])["metrics"]
-    n_train = sum(exponential_profile(30, 10, 10))
+    n_train = PreparedDataset.open(tiny_dataset).size("train")
     # the two workers' shards are disjoint and together cover the split (but the drop_last tail)
     assert metrics["train_duplicate_samples"] == 0
     assert metrics["train_samples"] == (n_train // 16) * 16
@@ -38,7 +37,7 @@ def test_two_worker_run_reports_metrics_and_checkpoints(ray_cluster, fashion_roo
     assert report.startswith("split") and "Ankle boot" in report
 
 
-def test_too_many_workers_for_the_cluster_fail_fast(ray_cluster, fashion_root, tmp_path, capsys):
-    assert train_cli.main(["--workers", "4", "--set", f"data.root={fashion_root}",
+def test_too_many_workers_for_the_cluster_fail_fast(ray_cluster, tiny_dataset, tmp_path, capsys):
+    assert train_cli.main(["--workers", "4", "--set", f"data.path={tiny_dataset}",
                            "--set", f"storage_path={tmp_path}", "--set", "data.batch_size=16"]) == 2
     assert "workers: 4 workers x 1 CPU exceed the cluster's 2 CPU" in capsys.readouterr().err

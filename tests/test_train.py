@@ -50,8 +50,8 @@ def test_each_loss_trains_and_reports(loss, tiny_config, tmp_path):
 
 
 def len_train(cfg):
-    from paco_ray.data.longtail import exponential_profile
-    return sum(exponential_profile(cfg.data.max_per_class, 10, cfg.data.imbalance_factor))
+    from paco_ray.data.prepared import PreparedDataset
+    return PreparedDataset.open(cfg.data.path).size("train")
 
 
 def test_resume_from_checkpoint_is_exact(tiny_config, tmp_path):
@@ -75,6 +75,13 @@ def test_resume_from_checkpoint_is_exact(tiny_config, tmp_path):
         assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
     assert a["scheduler"] == b["scheduler"]
     assert straight.reports[-1]["val_balanced_acc"] == resumed.reports[-1]["val_balanced_acc"]
+
+
+def test_ffcv_loader_trains_the_same_loop(tiny_config, tmp_path, ffcv_uncompiled):
+    session = LocalSession(tmp_path / "out")
+    train(tiny_config("data.loader=ffcv", "data.num_workers=1", "optim.epochs=2"), session)
+    assert session.reports[-1]["train_duplicate_samples"] == 0
+    assert session.reports[-1]["train_samples"] == (len_train(tiny_config()) // 16) * 16
 
 
 def test_resume_refuses_a_broken_checkpoint(tiny_config, tmp_path):

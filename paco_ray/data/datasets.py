@@ -19,6 +19,7 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 class ImageSet:
     images: torch.Tensor  # (N, C, H, W) uint8
     labels: torch.Tensor  # (N,) int64
+    sources: list[str] | None = None  # where each image came from ("file#row" or a path)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -56,9 +57,10 @@ def fashion_mnist_lt(root: str | Path, imbalance_factor: float = 100.0, max_per_
     """Fashion-MNIST-LT: exponential long-tailed train split of the official training set, a
     balanced validation split from its unused images, and the official balanced 10k test set."""
     root = Path(root)
-    train_images = read_idx(_idx_file(root, "train-images-idx3-ubyte"))
+    train_file, test_file = _idx_file(root, "train-images-idx3-ubyte"), _idx_file(root, "t10k-images-idx3-ubyte")
+    train_images = read_idx(train_file)
     train_labels = read_idx(_idx_file(root, "train-labels-idx1-ubyte")).astype(np.int64)
-    test_images = read_idx(_idx_file(root, "t10k-images-idx3-ubyte"))
+    test_images = read_idx(test_file)
     test_labels = read_idx(_idx_file(root, "t10k-labels-idx1-ubyte")).astype(np.int64)
     for name, labels in (("train", train_labels), ("test", test_labels)):
         if labels.min() < 0 or labels.max() >= len(FASHION_MNIST_CLASSES):
@@ -70,21 +72,14 @@ def fashion_mnist_lt(root: str | Path, imbalance_factor: float = 100.0, max_per_
         raise ValueError(f"data.max_per_class/data.val_per_class: {err}") from None
     many, few = scaled_shot_thresholds(max_per_class)
 
-    def image_set(images: np.ndarray, labels: np.ndarray) -> ImageSet:
-        return ImageSet(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.copy()))
+    def image_set(file: Path, images: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> ImageSet:
+        return ImageSet(torch.from_numpy(images[rows]).unsqueeze(1), torch.from_numpy(labels[rows]),
+                        [f"{file}#{r}" for r in rows])
 
     return DatasetSplits(
-        train=image_set(train_images[train_idx], train_labels[train_idx]),
-        val=image_set(train_images[val_idx], train_labels[val_idx]),
-        test=image_set(test_images, test_labels),
+        train=image_set(train_file, train_images, train_labels, train_idx),
+        val=image_set(train_file, train_images, train_labels, val_idx),
+        test=image_set(test_file, test_images, test_labels, np.arange(len(test_labels))),
         classes=ClassInfo(FASHION_MNIST_CLASSES, tuple(counts), many, few),
         mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
     )
-
-
-def load_splits(data_cfg) -> DatasetSplits:
-    """Build the splits named by a DataConfig."""
-    if data_cfg.dataset == "fashion_mnist_lt":
-        return fashion_mnist_lt(data_cfg.root, data_cfg.imbalance_factor, data_cfg.max_per_class,
-                                data_cfg.val_per_class)
-    raise ValueError(f"data.dataset: unknown dataset {data_cfg.dataset!r}")

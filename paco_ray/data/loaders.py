@@ -1,81 +1,200 @@
-"""Loaders behind one interface: training batches of (query view, key view, label, index) and
-evaluation batches of (image, label), sharded across DDP ranks. Images stay uint8 until
-``normalize`` moves them to the device."""
+"""Loaders behind one interface, over a prepared dataset directory:
+
+- ``train(epoch)``: this rank's batches of (query view, key view, label, index), uint8 images;
+- ``eval(split)``: this rank's shard (no padding) of (image, label);
+- ``normalize(images)``: uint8 -> normalised float on the device (channels_last on CUDA).
+
+``FFCVLoaders`` read the .beton files (decoding and geometric augmentation in FFCV, compiled);
+``TorchLoaders`` are the torchvision/DataLoader fallback reading the manifest's sources.
+"""
 from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .augment import view_transform
-from .datasets import DatasetSplits, ImageSet
+from .augment import eval_transform, geometric, photometric, view_transform
+from .prepared import DatasetError, PreparedDataset
+from .sources import read_source
 
 
-class TwoViewDataset(Dataset):
-    """Each item: two independently augmented views of one image, its label and its index."""
-
-    def __init__(self, data: ImageSet, query_transform, key_transform):
-        self.data, self.query_transform, self.key_transform = data, query_transform, key_transform
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int):
-        image = self.data.images[i]
-        return self.query_transform(image), self.key_transform(image), self.data.labels[i], i
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**31)
 
 
-class TorchLoaders:
-    """torchvision/DataLoader data path.
-
-    Shuffling and augmentation of epoch e on rank r are a function of (seed, e, r) alone, so a
-    run resumed at an epoch boundary sees exactly the batches an uninterrupted run would.
-    """
-
-    def __init__(self, splits: DatasetSplits, data_cfg, *, rank: int, world_size: int, seed: int,
-                 device: torch.device):
-        self.splits, self.cfg = splits, data_cfg
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.device = device
-        size = splits.train.images.shape[-1]
-        self.train_set = TwoViewDataset(splits.train, view_transform(data_cfg, size, query=True),
-                                        view_transform(data_cfg, size, query=False))
+class _Normalizer:
+    def __init__(self, data: PreparedDataset, device: torch.device):
+        self.channels, self.device = data.channels, device
         shape = (1, -1, 1, 1)
-        self.mean = torch.tensor(splits.mean, device=device).view(shape) * 255
-        self.std = torch.tensor(splits.std, device=device).view(shape) * 255
-
-    def epoch_seed(self, epoch: int) -> int:
-        return (self.seed * 1_000_003 + epoch * 1009 + self.rank) % (2**31)
-
-    def train(self, epoch: int) -> DataLoader:
-        """This rank's shard of the training split for ``epoch`` (equal batches on every rank)."""
-        sampler = DistributedSampler(self.train_set, num_replicas=self.world_size, rank=self.rank,
-                                     shuffle=True, seed=self.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        torch.manual_seed(self.epoch_seed(epoch))  # augmentation RNG when num_workers == 0
-        return DataLoader(self.train_set, batch_size=self.cfg.batch_size // self.world_size, sampler=sampler,
-                          drop_last=True, num_workers=self.cfg.num_workers,
-                          generator=torch.Generator().manual_seed(self.epoch_seed(epoch)),
-                          pin_memory=self.device.type == "cuda")
-
-    def eval(self, split: str) -> DataLoader:
-        """This rank's shard (every world_size-th image, no padding) of ``split``: (image, label)."""
-        data = self.splits.split(split)
-        shard = torch.arange(self.rank, len(data), self.world_size)
-        dataset = torch.utils.data.TensorDataset(data.images[shard], data.labels[shard])
-        return DataLoader(dataset, batch_size=self.cfg.eval_batch_size, shuffle=False,
-                          pin_memory=self.device.type == "cuda")
+        self.mean = torch.tensor(data.mean, device=device).view(shape) * 255
+        self.std = torch.tensor(data.std, device=device).view(shape) * 255
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> normalised float on the device (channels_last on CUDA)."""
-        images = images.to(self.device, non_blocking=True)
+        images = images[:, :self.channels].to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         return (images.float() - self.mean) / self.std
 
 
-def build_loaders(splits: DatasetSplits, data_cfg, *, rank: int, world_size: int, seed: int,
-                  device: torch.device) -> TorchLoaders:
+class SourceImages(Dataset):
+    """(image CHW uint8, label, index) read from manifest sources, with optional per-view transforms."""
+
+    def __init__(self, data: PreparedDataset, split: str, transforms=(None,)):
+        self.sources, self.labels, self.transforms = data.sources[split], data.labels[split], transforms
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        image = torch.from_numpy(read_source(self.sources[i])).permute(2, 0, 1)
+        views = [t(image) if t is not None else image for t in self.transforms]
+        return (*views, self.labels[i], i)
+
+
+def _image_size(data_cfg, data: PreparedDataset) -> int:
+    if data_cfg.image_size:
+        return data_cfg.image_size
+    return read_source(data.sources["train"][0]).shape[0]
+
+
+class TorchLoaders(_Normalizer):
+    """torchvision/DataLoader data path. Shuffling and augmentation of epoch e on rank r are a
+    function of (seed, e, r) alone, so a resumed run sees exactly the batches of an uninterrupted one."""
+
+    def __init__(self, data: PreparedDataset, data_cfg, *, rank: int, world_size: int, seed: int,
+                 device: torch.device):
+        super().__init__(data, device)
+        self.data, self.cfg, self.rank, self.world_size, self.seed = data, data_cfg, rank, world_size, seed
+        size = _image_size(data_cfg, data)
+        self.train_set = SourceImages(data, "train", (view_transform(data_cfg, size, query=True),
+                                                      view_transform(data_cfg, size, query=False)))
+        self.eval_transform = eval_transform(data_cfg, size)
+
+    def train(self, epoch: int) -> DataLoader:
+        sampler = DistributedSampler(self.train_set, num_replicas=self.world_size, rank=self.rank,
+                                     shuffle=True, seed=self.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(self.seed, epoch, self.rank))  # augmentation RNG when num_workers == 0
+        return DataLoader(self.train_set, batch_size=self.cfg.batch_size // self.world_size, sampler=sampler,
+                          drop_last=True, num_workers=self.cfg.num_workers,
+                          generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch, self.rank)),
+                          pin_memory=self.device.type == "cuda")
+
+    def eval(self, split: str):
+        dataset = SourceImages(self.data, split, (self.eval_transform,))
+        shard = torch.utils.data.Subset(dataset, range(self.rank, len(dataset), self.world_size))
+        loader = DataLoader(shard, batch_size=self.cfg.eval_batch_size, shuffle=False,
+                            num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda")
+        return ((images, labels) for images, labels, _ in loader)
+
+
+def sharded_order(rank: int, world_size: int):
+    """An FFCV traversal order with the torch path's sharding: DistributedSampler(shuffle, seed,
+    drop_last=True) for an explicit rank, so each sample is seen at most once per epoch across
+    ranks (FFCV's own distributed order pads with duplicates) and no process group is needed."""
+    import numpy as np
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class ShardedRandomOrder(TraversalOrder):
+        def __init__(self):  # ffcv calls the instance with the loader
+            pass
+
+        def __call__(self, loader):
+            TraversalOrder.__init__(self, loader)
+            return self
+
+        def sample_order(self, epoch: int):
+            sampler = DistributedSampler(self.indices, num_replicas=world_size, rank=rank, shuffle=True,
+                                         seed=self.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+            return self.indices[np.array(list(sampler), dtype=np.int64)]
+
+    return ShardedRandomOrder()
+
+
+class FFCVLoaders(_Normalizer):
+    """FFCV data path: two views of each image through two pipeline entries decoding the same field."""
+
+    def __init__(self, data: PreparedDataset, data_cfg, *, rank: int, world_size: int, seed: int,
+                 device: torch.device):
+        super().__init__(data, device)
+        self.threads = torch.get_num_threads()  # import ffcv and every Loader reset it
+        self.data, self.cfg, self.rank, self.world_size, self.seed = data, data_cfg, rank, world_size, seed
+        self.size = _image_size(data_cfg, data)
+        self.workers = data_cfg.num_workers
+        self.post = [photometric(data_cfg, query=True), photometric(data_cfg, query=False)]
+        self._eval: dict = {}
+        self._train = self._loader("train", train=True)
+
+    def _view(self, train: bool) -> list:
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
+        from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToDevice, ToTensor, ToTorchImage
+
+        imagenet = self.cfg.augment == "imagenet"
+        if train and imagenet:
+            ops = [RandomResizedCropRGBImageDecoder((self.size, self.size)), RandomHorizontalFlip()]
+        elif train:
+            ops = [SimpleRGBImageDecoder(), RandomHorizontalFlip()]
+            if self.cfg.crop_padding:
+                ops.append(RandomTranslate(padding=self.cfg.crop_padding))
+        else:
+            ops = [CenterCropRGBImageDecoder((self.size, self.size), 0.875) if imagenet else SimpleRGBImageDecoder()]
+        ops += [ToTensor(), ToTorchImage(channels_last=False)]
+        if self.device.type == "cuda":
+            ops.append(ToDevice(self.device, non_blocking=True))
+        return ops
+
+    def _loader(self, split: str, train: bool):
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.pipeline import PipelineSpec
+        from ffcv.transforms import Squeeze, ToTensor
+
+        pipelines = {"image": self._view(train), "label": [IntDecoder(), ToTensor(), Squeeze(1)],
+                     "index": [IntDecoder(), ToTensor(), Squeeze(1)]}
+        if train:
+            pipelines["image_key"] = PipelineSpec("image", decoder=self._view(train)[0], transforms=self._view(train)[1:])
+            options = dict(batch_size=self.cfg.batch_size // self.world_size, seed=self.seed, drop_last=True,
+                           order=sharded_order(self.rank, self.world_size))
+        else:
+            options = dict(batch_size=self.cfg.eval_batch_size, order=OrderOption.SEQUENTIAL, drop_last=False,
+                           indices=list(range(self.rank, self.data.size(split), self.world_size)))
+        path = self.data.beton(split)
+        try:
+            loader = Loader(str(path), num_workers=self.workers, pipelines=pipelines, **options)
+        except Exception as err:
+            raise DatasetError(f"{path}: corrupt or truncated .beton ({type(err).__name__}: {err})".splitlines()[0]) from None
+        finally:
+            torch.set_num_threads(self.threads)
+        if loader.reader.num_samples != self.data.size(split):
+            raise DatasetError(f"{path}: holds {loader.reader.num_samples} samples, manifest lists {self.data.size(split)}")
+        return loader
+
+    def train(self, epoch: int):
+        self._train.next_epoch = epoch  # FFCV orders epoch e by seed + e
+        query_ops, key_ops = self.post
+        for x_q, labels, index, x_k in self._train:
+            if query_ops:
+                x_q = torch.stack([_apply(query_ops, x) for x in x_q])
+            if key_ops:
+                x_k = torch.stack([_apply(key_ops, x) for x in x_k])
+            yield x_q, x_k, labels, index
+
+    def eval(self, split: str):
+        if split not in self._eval:
+            self._eval[split] = self._loader(split, train=False)
+        return ((images, labels) for images, labels, _ in self._eval[split])
+
+
+def _apply(ops: list, image: torch.Tensor) -> torch.Tensor:
+    for op in ops:
+        image = op(image)
+    return image
+
+
+def build_loaders(data: PreparedDataset, data_cfg, *, rank: int, world_size: int, seed: int, device: torch.device):
     """The loader named by ``data.loader``."""
-    if data_cfg.loader == "torch":
-        return TorchLoaders(splits, data_cfg, rank=rank, world_size=world_size, seed=seed, device=device)
-    raise ValueError(f"data.loader: unknown loader {data_cfg.loader!r}")
+    cls = {"ffcv": FFCVLoaders, "torch": TorchLoaders}.get(data_cfg.loader)
+    if cls is None:
+        raise ValueError(f"data.loader: unknown loader {data_cfg.loader!r}")
+    return cls(data, data_cfg, rank=rank, world_size=world_size, seed=seed, device=device)

@@ -1,0 +1,1 @@
+"""Dataset preparation: raw datasets -> manifest.parquet, classes.parquet and FFCV .beton files."""

@@ -1,0 +1,189 @@
+"""The writer every pipeline shares.
+
+A prepared dataset directory holds:
+  manifest.parquet  one row per sample: split, index (row in the split's .beton, -1 if skipped),
+                    label, source (file path or array reference), skipped, error
+  classes.parquet   class_id, name, train_count, shot_group, many_threshold, few_threshold
+  {split}.beton     FFCV file per split with fields image, label, index
+  The manifest's Parquet metadata records the pipeline and its arguments (the fingerprint).
+
+Outputs appear atomically: everything is written into a temporary sibling directory that is
+renamed into place only when complete. Re-running with the same fingerprint is a no-op.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from paco_ray.data.longtail import shot_group
+
+SPLITS = ("train", "val", "test")
+FINGERPRINT_KEY = b"paco_ray.fingerprint"
+MANIFEST_SCHEMA = pa.schema([
+    ("split", pa.string()), ("index", pa.int64()), ("label", pa.int64()),
+    ("source", pa.string()), ("skipped", pa.bool_()), ("error", pa.string()),
+])
+
+
+class PipelineError(ValueError):
+    """Bad input to a pipeline; the message names the culprit (file, line, class or directory)."""
+
+
+@dataclass
+class Sample:
+    source: str                          # path or "file#row", recorded in the manifest
+    label: int
+    load: Callable[[], np.ndarray]       # -> HxWxC uint8 (C = 1 or 3)
+
+
+def read_fingerprint(out: Path) -> dict | None:
+    manifest = out / "manifest.parquet"
+    if not manifest.is_file():
+        return None
+    try:
+        meta = pq.read_schema(manifest).metadata or {}
+    except Exception:
+        return None
+    return json.loads(meta[FINGERPRINT_KEY]) if FINGERPRINT_KEY in meta else None
+
+
+def _check_output(out: Path, fingerprint: dict, force: bool) -> bool:
+    """True when ``out`` already holds exactly this preparation (nothing to do)."""
+    if not out.exists() or force:
+        return False
+    existing = read_fingerprint(out)
+    if existing == fingerprint and all((out / f"{s}.beton").is_file() for s in existing.get("splits", [])):
+        return True
+    if existing is None:
+        raise PipelineError(f"--out {out}: exists and is not a prepared dataset; choose another directory")
+    raise PipelineError(f"--out {out}: was prepared from a different source or settings "
+                        f"({existing.get('pipeline')}: {existing.get('source')}); pass --force to replace it")
+
+
+def _load_checked(samples: Sequence[Sample], skip_bad: bool) -> tuple[list[Sample], list[tuple[Sample, str]], int]:
+    """Decode every sample once; bad ones raise (naming the source) or are collected when skipping."""
+    good, bad, channels = [], [], None
+    for sample in samples:
+        try:
+            image = sample.load()
+            if image.ndim != 3 or image.dtype != np.uint8 or image.shape[2] not in (1, 3):
+                raise ValueError(f"unexpected image array {image.dtype} {image.shape}")
+        except Exception as err:  # PIL and numpy raise many types for broken files
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            if not skip_bad:
+                raise PipelineError(f"{sample.source}: unreadable image ({reason}); --skip-bad records it "
+                                    "in the manifest instead") from None
+            bad.append((sample, reason))
+            continue
+        channels = max(channels or 0, image.shape[2])
+        good.append(sample)
+    return good, bad, channels or 3
+
+
+class _BetonSource:
+    """Indexable (image HxWx3, label, index) view of samples for ffcv's DatasetWriter."""
+
+    def __init__(self, samples: Sequence[Sample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        image = self.samples[i].load()
+        if image.shape[2] == 1:
+            image = np.repeat(image, 3, axis=2)
+        return np.ascontiguousarray(image), self.samples[i].label, i
+
+
+def write_beton(path: Path, samples: Sequence[Sample], *, write_mode: str, max_resolution: int | None,
+                jpeg_quality: int = 90, num_workers: int = 1) -> None:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality),
+              "label": IntField(), "index": IntField()}
+    DatasetWriter(str(path), fields, num_workers=num_workers).from_indexed_dataset(_BetonSource(samples))
+
+
+def write_prepared(out: str | Path, *, fingerprint: dict, class_names: Sequence[str],
+                   splits: dict[str, Sequence[Sample]], thresholds: tuple[int, int], write_mode: str = "raw",
+                   max_resolution: int | None = None, skip_bad: bool = False, force: bool = False,
+                   num_workers: int = 1) -> Path:
+    """Validate, then write manifest, classes and one .beton per split into ``out`` atomically."""
+    out = Path(out).resolve()
+    fingerprint = {**fingerprint, "splits": list(splits), "write_mode": write_mode,
+                   "max_resolution": max_resolution, "skip_bad": skip_bad}
+    if _check_output(out, fingerprint, force):
+        print(f"{out}: already prepared with these inputs (use --force to rebuild)")
+        return out
+    num_classes = len(class_names)
+    for split, samples in splits.items():
+        for s in samples:
+            if not 0 <= s.label < num_classes:
+                raise PipelineError(f"{s.source}: label {s.label} outside 0..{num_classes - 1} ({split} split)")
+    rows, kept, channels = [], {}, 1
+    for split, samples in splits.items():
+        good, bad, split_channels = _load_checked(samples, skip_bad)
+        channels = max(channels, split_channels)
+        kept[split] = good
+        rows += [(split, i, s.label, s.source, False, "") for i, s in enumerate(good)]
+        rows += [(split, -1, s.label, s.source, True, reason) for s, reason in bad]
+    train_counts = np.bincount([s.label for s in kept.get("train", [])], minlength=num_classes)
+    empty = [class_names[c] for c in range(num_classes) if train_counts[c] == 0]
+    if empty:
+        raise PipelineError(f"class {empty[0]!r} has no training images"
+                            + (f" (and {len(empty) - 1} more classes)" if len(empty) > 1 else ""))
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        many, few = thresholds
+        pq.write_table(pa.table({
+            "class_id": np.arange(num_classes, dtype=np.int64), "name": list(class_names),
+            "train_count": train_counts.astype(np.int64),
+            "shot_group": [shot_group(int(n), many, few) for n in train_counts],
+            "many_threshold": np.full(num_classes, many, dtype=np.int64),
+            "few_threshold": np.full(num_classes, few, dtype=np.int64),
+        }).replace_schema_metadata({b"paco_ray.channels": str(channels).encode()}), tmp / "classes.parquet")
+        for split, good in kept.items():
+            write_beton(tmp / f"{split}.beton", good, write_mode=write_mode, max_resolution=max_resolution,
+                        num_workers=num_workers)
+        table = pa.Table.from_pylist([dict(zip(MANIFEST_SCHEMA.names, r)) for r in rows], schema=MANIFEST_SCHEMA)
+        table = table.replace_schema_metadata({FINGERPRINT_KEY: json.dumps(fingerprint).encode()})
+        pq.write_table(table, tmp / "manifest.parquet")  # written last: its presence marks completion
+        if out.exists():
+            old = out.parent / f".{out.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    skipped = sum(r[4] for r in rows)
+    print(f"{out}: " + ", ".join(f"{s} {len(g)}" for s, g in kept.items())
+          + (f"; {skipped} bad images skipped (see manifest)" if skipped else ""))
+    return out
+
+
+def run_cli(prepare: Callable[..., Path], args) -> int:
+    """Shared CLI tail: run a pipeline, turning PipelineError/FileNotFoundError into one line."""
+    try:
+        prepare(args)
+    except (PipelineError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
