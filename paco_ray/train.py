@@ -293,10 +293,12 @@ def best_checkpoint(result) -> str:
     return checkpoint.path
 
 
-def final_evaluation(checkpoint_path: str) -> dict[str, dict]:
+def final_evaluation(checkpoint_path: str, data_path: str) -> dict[str, dict]:
+    """Validation and (when the dataset has one) test metrics of a checkpoint."""
     from .evaluate import evaluate_checkpoint
 
-    results, _ = evaluate_checkpoint(checkpoint_path, ["val", "test"])
+    splits = [s for s in ("val", "test") if s in PreparedDataset.open(data_path).labels]
+    results, _ = evaluate_checkpoint(checkpoint_path, splits)
     return results
 
 
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: training failed: {result.error}", file=sys.stderr)
             return 1
         path = best_checkpoint(result)
-        table = final_evaluation(path)
+        table = final_evaluation(path, cfg.data.path)
     except (ConfigError, CheckpointError, DatasetError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

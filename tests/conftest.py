@@ -10,6 +10,7 @@ from paco_ray.data.idx import write_idx
 
 def make_fashion_root(root, per_class=30, test_per_class=4):
     """A tiny dataset in the exact IDX layout of Fashion-MNIST; pixel (0, 0) holds the label."""
+    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     train_labels = rng.permutation(np.repeat(np.arange(10), per_class)).astype(np.uint8)
     test_labels = np.repeat(np.arange(10), test_per_class).astype(np.uint8)

@@ -1,0 +1,106 @@
+"""CIFAR-10 / CIFAR-100 (python pickle batches) -> CIFAR-LT prepared dataset.
+
+python -m pipelines.cifar --src cifar-100-python --out data/cifar100_lt_if100 --imbalance-factor 100
+
+Train keeps the first n_c = n_max * IF^(-c/(C-1)) images of class c in file order (the LDAM/PaCo
+convention); the validation split takes the last --val-per-class training images of each class
+(never used for training, so n_max defaults to the per-class count minus them); test stays balanced.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from paco_ray.data.longtail import exponential_profile, longtail_split, scaled_shot_thresholds
+from paco_ray.data.sources import cifar_images, load_cifar_batch
+
+from .writer import PipelineError, Sample, run_cli, write_prepared
+
+LAYOUTS = {  # variant -> (train files, test file, meta file, label key, names key)
+    "cifar10": ([f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta", "labels", "label_names"),
+    "cifar100": (["train"], "test", "meta", "fine_labels", "fine_label_names"),
+}
+
+
+def detect_variant(src: Path) -> str:
+    for variant, (train, test, meta, *_) in LAYOUTS.items():
+        if (src / meta).is_file() and (src / test).is_file():
+            return variant
+    raise FileNotFoundError(f"--src {src}: neither a cifar-10-batches-py nor a cifar-100-python directory "
+                            "(batches.meta + test_batch, or meta + test)")
+
+
+def _read(src: Path, files: list[str], label_key: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    sources, labels, images = [], [], []
+    for name in files:
+        path = src / name
+        if not path.is_file():
+            raise FileNotFoundError(f"--src: {path} not found")
+        try:
+            batch = load_cifar_batch(path)
+            batch_images, batch_labels = cifar_images(batch), np.asarray(batch[label_key], dtype=np.int64)
+        except Exception as err:
+            raise PipelineError(f"{path}: not a CIFAR python batch ({type(err).__name__})") from None
+        if len(batch_images) != len(batch_labels):
+            raise PipelineError(f"{path}: {len(batch_images)} images but {len(batch_labels)} labels")
+        sources += [f"{path}#{i}" for i in range(len(batch_labels))]
+        labels.append(batch_labels)
+        images.append(batch_images)
+    return sources, np.concatenate(labels), np.concatenate(images)
+
+
+def prepare(src: str | Path, out: str | Path, *, imbalance_factor: float = 100.0, max_per_class: int | None = None,
+            val_per_class: int | None = None, force: bool = False) -> Path:
+    src = Path(src).resolve()
+    variant = detect_variant(src)
+    train_files, test_file, meta_file, label_key, names_key = LAYOUTS[variant]
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in load_cifar_batch(src / meta_file)[names_key]]
+    train_src, train_labels, train_images = _read(src, train_files, label_key)
+    test_src, test_labels, test_images = _read(src, [test_file], label_key)
+    for labels, part in ((train_labels, "train"), (test_labels, "test")):
+        bad = np.flatnonzero((labels < 0) | (labels >= len(names)))
+        if len(bad):
+            raise PipelineError(f"{(train_src if part == 'train' else test_src)[bad[0]]}: label {labels[bad[0]]} "
+                                f"outside 0..{len(names) - 1}")
+    per_class = int(np.bincount(train_labels, minlength=len(names)).min())
+    if val_per_class is None:
+        val_per_class = max(1, per_class // 25)  # 20 for CIFAR-100, 200 for CIFAR-10
+    if max_per_class is None:
+        max_per_class = per_class - val_per_class
+    counts = exponential_profile(max_per_class, len(names), imbalance_factor)
+    try:
+        train_idx, val_idx = longtail_split(train_labels, counts, val_per_class)
+    except ValueError as err:
+        raise PipelineError(f"--max-per-class/--val-per-class: {err}") from None
+
+    def samples(rows, sources, labels, images):
+        return [Sample(sources[r], int(labels[r]), lambda r=r: images[r]) for r in rows]
+
+    fingerprint = {"pipeline": "cifar", "variant": variant, "source": str(src), "imbalance_factor": imbalance_factor,
+                   "max_per_class": max_per_class, "val_per_class": val_per_class}
+    return write_prepared(out, fingerprint=fingerprint, class_names=names, thresholds=scaled_shot_thresholds(max_per_class),
+                          splits={"train": samples(train_idx, train_src, train_labels, train_images),
+                                  "val": samples(val_idx, train_src, train_labels, train_images),
+                                  "test": samples(range(len(test_labels)), test_src, test_labels, test_images)},
+                          write_mode="raw", force=force)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.cifar", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", required=True, help="cifar-10-batches-py or cifar-100-python directory")
+    parser.add_argument("--out", required=True, help="prepared dataset directory")
+    parser.add_argument("--imbalance-factor", type=float, default=100.0, help="10, 50 or 100 in the literature")
+    parser.add_argument("--max-per-class", type=int, help="head-class size (default: per-class count - val)")
+    parser.add_argument("--val-per-class", type=int, help="validation images per class (default: 4%%)")
+    parser.add_argument("--seed", type=int, default=0, help="unused: the split takes images in file order")
+    parser.add_argument("--force", action="store_true", help="rebuild even if --out is prepared")
+    args = parser.parse_args(argv)
+    return run_cli(lambda a: prepare(a.src, a.out, imbalance_factor=a.imbalance_factor, max_per_class=a.max_per_class,
+                                     val_per_class=a.val_per_class, force=a.force), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Pipelines on small files in the real formats: manifests, LT counts, .beton round trips, bad input."""
+import pickle
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_fashion_root
+from paco_ray.config import DataConfig
+from paco_ray.data.loaders import build_loaders
+from paco_ray.data.longtail import exponential_profile
+from paco_ray.data.prepared import DatasetError, PreparedDataset
+from paco_ray.data.sources import read_source
+from pipelines import cifar, fashion_mnist, txt_list
+from pipelines.writer import PipelineError
+
+
+def eval_pixels(out, split):
+    """All images of a split as the FFCV eval loader decodes them, in .beton order (N, C, H, W uint8)."""
+    data = PreparedDataset.open(out)
+    loaders = build_loaders(data, DataConfig(path=str(out), num_workers=1, eval_batch_size=64),
+                            rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+    images, labels = zip(*[(x.clone(), y.clone()) for x, y in loaders.eval(split)])
+    return torch.cat(images), torch.cat(labels), data
+
+
+def assert_round_trip(out, split):
+    """Every .beton row holds exactly the pixels and label of the manifest source it names."""
+    images, labels, data = eval_pixels(out, split)
+    assert labels.tolist() == data.labels[split]
+    for i, source in enumerate(data.sources[split]):
+        original = torch.from_numpy(read_source(source)).permute(2, 0, 1)
+        assert torch.equal(images[i, :original.shape[0]], original), source
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+
+def test_fashion_mnist_manifest_classes_and_round_trip(tmp_path, ffcv_uncompiled):
+    root, _, _ = make_fashion_root(tmp_path / "src")
+    out = tmp_path / "out"
+    assert fashion_mnist.main(["--src", str(root), "--out", str(out), "--imbalance-factor", "10",
+                               "--max-per-class", "20", "--val-per-class", "5"]) == 0
+    manifest = pq.read_table(out / "manifest.parquet").to_pydict()
+    expected = exponential_profile(20, 10, 10)
+    train_labels = [y for y, s in zip(manifest["label"], manifest["split"]) if s == "train"]
+    assert np.bincount(train_labels).tolist() == expected
+    assert manifest["split"].count("val") == 50 and manifest["split"].count("test") == 40
+    classes = pq.read_table(out / "classes.parquet").to_pydict()
+    assert classes["train_count"] == expected and classes["name"][9] == "Ankle boot"
+    assert set(classes["many_threshold"]) == {100} and set(classes["few_threshold"]) == {20}
+    for split in ("train", "val", "test"):
+        assert_round_trip(out, split)
+
+
+def test_rerun_is_a_noop_force_rebuilds_and_other_sources_are_refused(tmp_path, capsys):
+    root, _, _ = make_fashion_root(tmp_path / "src")
+    out = tmp_path / "out"
+    args = ["--src", str(root), "--out", str(out), "--imbalance-factor", "10", "--max-per-class", "20", "--val-per-class", "5"]
+    assert fashion_mnist.main(args) == 0
+    stamp = (out / "train.beton").stat().st_mtime_ns
+    assert fashion_mnist.main(args) == 0
+    assert "already prepared" in capsys.readouterr().out
+    assert (out / "train.beton").stat().st_mtime_ns == stamp
+    assert fashion_mnist.main(args + ["--force"]) == 0
+    assert (out / "train.beton").stat().st_mtime_ns != stamp
+    capsys.readouterr()  # drop FFCV's progress bars
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert fashion_mnist.main(args[:-4] + ["--max-per-class", "15", "--val-per-class", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was prepared from a different source or settings" in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing overwritten
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    assert fashion_mnist.main(args[:2] + ["--out", str(stranger)] + args[4:]) == 2
+    assert "exists and is not a prepared dataset" in capsys.readouterr().err
+    assert (stranger / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- CIFAR
+
+
+def write_cifar(src, variant, per_class, rng):
+    """CIFAR-10 (5 data batches) or CIFAR-100 (train/test) python batches with meta files."""
+    src.mkdir(parents=True)
+    num_classes = 10 if variant == "cifar10" else 100
+    key = "labels" if variant == "cifar10" else "fine_labels"
+    labels = rng.permutation(np.repeat(np.arange(num_classes), per_class))
+    data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+    test_labels = np.repeat(np.arange(num_classes), 2)
+    test = {b"data": rng.integers(0, 256, (len(test_labels), 3072), dtype=np.uint8), key.encode(): test_labels.tolist()}
+    names = [f"class{c}".encode() for c in range(num_classes)]
+    if variant == "cifar10":
+        for i, part in enumerate(np.array_split(np.arange(len(labels)), 5), start=1):
+            batch = {b"data": data[part], b"labels": labels[part].tolist(), b"batch_label": b"training"}
+            (src / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+        (src / "test_batch").write_bytes(pickle.dumps(test))
+        (src / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+    else:
+        (src / "train").write_bytes(pickle.dumps({b"data": data, b"fine_labels": labels.tolist()}))
+        (src / "test").write_bytes(pickle.dumps(test))
+        (src / "meta").write_bytes(pickle.dumps({b"fine_label_names": names}))
+    return labels, data
+
+
+@pytest.mark.parametrize("variant,per_class,imbalance", [("cifar10", 30, 10), ("cifar100", 6, 5)])
+def test_cifar_lt_profile_and_round_trip(variant, per_class, imbalance, tmp_path, ffcv_uncompiled):
+    labels, data = write_cifar(tmp_path / "src", variant, per_class, np.random.default_rng(1))
+    out = tmp_path / "out"
+    assert cifar.main(["--src", str(tmp_path / "src"), "--out", str(out), "--imbalance-factor", str(imbalance),
+                       "--val-per-class", "1"]) == 0
+    prepared = PreparedDataset.open(out)
+    num_classes = 10 if variant == "cifar10" else 100
+    expected = exponential_profile(per_class - 1, num_classes, imbalance)
+    assert list(prepared.classes.train_counts) == expected
+    # train = first n_c images of each class in file order; val = the last image of each class
+    first = sorted(i for c, n in enumerate(expected) for i in np.flatnonzero(labels == c)[:n])
+    assert prepared.size("val") == num_classes and prepared.size("test") == 2 * num_classes
+    images, got_labels, _ = eval_pixels(out, "train")
+    for k, source in enumerate(prepared.sources["train"]):
+        assert torch.equal(images[k], torch.from_numpy(read_source(source)).permute(2, 0, 1))
+    assert got_labels.tolist() == prepared.labels["train"]
+    # row r of the concatenated batches holds data[r] reshaped to 3x32x32
+    rows = [sum(len(p) for p in np.array_split(np.arange(len(labels)), 5)[:int(s.split("data_batch_")[1][0]) - 1])
+            + int(s.rsplit("#", 1)[1]) if variant == "cifar10" else int(s.rsplit("#", 1)[1])
+            for s in prepared.sources["train"]]
+    assert rows == first
+    assert torch.equal(images, torch.from_numpy(data[rows].reshape(-1, 3, 32, 32)))
+    assert got_labels.tolist() == labels[rows].tolist()
+
+
+def test_cifar_errors(tmp_path, capsys):
+    assert cifar.main(["--src", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "neither a cifar-10-batches-py nor a cifar-100-python directory" in capsys.readouterr().err
+    write_cifar(tmp_path / "src", "cifar100", 4, np.random.default_rng(0))
+    (tmp_path / "src" / "train").write_bytes(b"\x80\x04truncated")
+    assert cifar.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "o")]) == 2
+    assert "train: not a CIFAR python batch" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- txt lists
+
+
+def make_image_tree(root, per_class=(5, 3, 2), rng=None):
+    rng = rng or np.random.default_rng(0)
+    lines = {"train": [], "val": [], "test": []}
+    for c, n in enumerate(per_class):
+        for split, count in (("train", n), ("val", 1), ("test", 1)):
+            for i in range(count):
+                rel = f"{split}/c{c}/img{i}.jpg"
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                size = (int(rng.integers(20, 60)), int(rng.integers(20, 60)))
+                Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / rel, quality=95)
+                lines[split].append(f"{rel} {c}")
+    paths = {}
+    for split, split_lines in lines.items():
+        paths[split] = root / f"{split}.txt"
+        paths[split].write_text("\n".join(split_lines) + "\n")
+    return paths
+
+
+def test_txt_list_jpeg_and_raw(tmp_path, ffcv_uncompiled):
+    lists = make_image_tree(tmp_path)
+    names = tmp_path / "names.txt"
+    names.write_text("0 tench\n1 goldfish\n2 great white shark\n")
+    for mode in ("jpg", "raw"):
+        out = tmp_path / f"out_{mode}"
+        assert txt_list.main(["--root", str(tmp_path), "--train-list", str(lists["train"]), "--val-list",
+                              str(lists["val"]), "--test-list", str(lists["test"]), "--class-names", str(names),
+                              "--out", str(out), "--write-mode", mode, "--max-resolution", "64"]) == 0
+        data = PreparedDataset.open(out)
+        assert data.classes.names == ("tench", "goldfish", "great white shark")
+        assert data.classes.train_counts == (5, 3, 2) and data.channels == 3
+        assert data.sources["train"][0] == str(tmp_path / "train/c0/img0.jpg")
+    # raw mode keeps exact pixels (no resize below 64 px)
+    from ffcv.reader import Reader
+    reader = Reader(str(tmp_path / "out_raw" / "train.beton"))
+    assert reader.num_samples == 10
+    cfg = DataConfig(path=str(tmp_path / "out_jpg"), augment="imagenet", image_size=16, num_workers=1, batch_size=2)
+    loaders = build_loaders(PreparedDataset.open(cfg.path), cfg, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+    x_q, x_k, y, index = next(iter(loaders.train(0)))
+    assert x_q.shape == (2, 3, 16, 16) and x_k.shape == (2, 3, 16, 16)
+    assert next(iter(loaders.eval("test")))[0].shape == (3, 3, 16, 16)
+
+
+@pytest.mark.parametrize("line,message", [
+    ("train/c0/img0.jpg abc", "label 'abc' is not an integer"),
+    ("train/c0/img0.jpg 7", "label 7 outside 0..2"),
+    ("train/c0/img0.jpg -1", "label -1 outside 0..2"),
+    ("../outside.jpg 0", "path '../outside.jpg' escapes the image root"),
+    ("just-one-field", "expected 'path label'"),
+    ("train/c0/missing.jpg 0", "missing.jpg: unreadable image (FileNotFoundError"),
+])
+def test_txt_list_bad_lines(line, message, tmp_path, capsys):
+    root = tmp_path / "root"
+    root.mkdir()
+    lists = make_image_tree(root)
+    names = root / "names.txt"
+    names.write_text("a\nb\nc\n")
+    lists["train"].write_text(lists["train"].read_text() + line + "\n")
+    out = tmp_path / "out"
+    assert txt_list.main(["--root", str(root), "--train-list", str(lists["train"]), "--val-list", str(lists["val"]),
+                          "--class-names", str(names), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0
+    assert not out.exists() and not list(tmp_path.glob(".out*"))  # no partial output
+
+
+def test_truncated_image_fails_or_is_recorded_with_skip_bad(tmp_path, capsys, ffcv_uncompiled):
+    lists = make_image_tree(tmp_path)
+    bad = tmp_path / "train/c0/img1.jpg"
+    bad.write_bytes(bad.read_bytes()[:100])
+    args = ["--root", str(tmp_path), "--train-list", str(lists["train"]), "--val-list", str(lists["val"])]
+    assert txt_list.main(args + ["--out", str(tmp_path / "o1")]) == 2
+    assert f"{bad}: unreadable image" in capsys.readouterr().err and not (tmp_path / "o1").exists()
+    assert txt_list.main(args + ["--out", str(tmp_path / "o2"), "--skip-bad"]) == 0
+    manifest = pq.read_table(tmp_path / "o2" / "manifest.parquet").to_pydict()
+    skipped = [(s, e) for s, k, e in zip(manifest["source"], manifest["skipped"], manifest["error"]) if k]
+    assert len(skipped) == 1 and skipped[0][0] == str(bad) and skipped[0][1]
+    assert PreparedDataset.open(tmp_path / "o2").size("train") == 9
+    assert "1 bad images skipped" in capsys.readouterr().out
+
+
+def test_class_without_training_images_and_missing_list(tmp_path, capsys):
+    lists = make_image_tree(tmp_path)
+    lists["train"].write_text("".join(l + "\n" for l in lists["train"].read_text().splitlines() if not l.endswith(" 1")))
+    names = tmp_path / "names.txt"
+    names.write_text("a\nb\nc\n")
+    args = ["--root", str(tmp_path), "--val-list", str(lists["val"]), "--class-names", str(names),
+            "--out", str(tmp_path / "o")]
+    assert txt_list.main(args + ["--train-list", str(lists["train"])]) == 2
+    assert "class 'b' has no training images" in capsys.readouterr().err
+    assert txt_list.main(args + ["--train-list", str(tmp_path / "nope.txt")]) == 2
+    assert "nope.txt not found" in capsys.readouterr().err
+
+
+def test_truncated_beton_is_refused_at_load(tiny_dataset, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, copy)
+    beton = copy / "train.beton"
+    beton.write_bytes(beton.read_bytes()[: beton.stat().st_size // 2])
+    with pytest.raises(DatasetError, match=r"train.beton: corrupt or truncated \.beton"):
+        build_loaders(PreparedDataset.open(copy), DataConfig(path=str(copy)), rank=0, world_size=1, seed=0,
+                      device=torch.device("cpu"))
+    (copy / "manifest.parquet").unlink()
+    with pytest.raises(DatasetError, match="manifest.parquet missing"):
+        PreparedDataset.open(copy)
