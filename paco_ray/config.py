@@ -37,7 +37,7 @@ class DataConfig:
     cache_dir: str = "~/.cache/paco_ray"
     batch_size: int = 128  # global, split evenly across workers
     eval_batch_size: int = 1024
-    num_workers: int = 1  # loader workers (FFCV threads or DataLoader processes) per training worker
+    num_workers: int = 0  # loader workers per training worker; 0: FFCV uses the worker's CPUs, torch loads in-process
     loader: str = "ffcv"
     augment: str = "small"  # small: pad-crop + flip | imagenet: resized crop + flip, colour on the key view
     image_size: int = 0  # training crop size; 0: the stored size (small family only)
@@ -187,8 +187,6 @@ def validate(cfg: TrainConfig) -> None:
            f"must be divisible by workers={cfg.workers}", d.batch_size)
     _check(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1", d.eval_batch_size)
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
-    _check(d.loader != "ffcv" or d.num_workers >= 1, "data.num_workers", "must be >= 1 with data.loader=ffcv",
-           d.num_workers)
     _check(d.crop_padding >= 0, "data.crop_padding", "must be >= 0", d.crop_padding)
     _check(d.randaugment_ops >= 0, "data.randaugment_ops", "must be >= 0", d.randaugment_ops)
     _check(0 <= d.randaugment_magnitude <= 30, "data.randaugment_magnitude", "must be in [0, 30]",

@@ -77,7 +77,7 @@ def prepare(root: str | Path, out: str | Path, *, train_list: str | Path, val_li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.txt_list", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", required=True, help="directory the list paths are relative to")
+    parser.add_argument("--root", "--src", dest="root", required=True, help="directory the list paths are relative to")
     parser.add_argument("--train-list", required=True)
     parser.add_argument("--val-list", required=True)
     parser.add_argument("--test-list")

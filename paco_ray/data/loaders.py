@@ -121,7 +121,7 @@ class FFCVLoaders(_Normalizer):
         self.threads = torch.get_num_threads()  # import ffcv and every Loader reset it
         self.data, self.cfg, self.rank, self.world_size, self.seed = data, data_cfg, rank, world_size, seed
         self.size = _image_size(data_cfg, data)
-        self.workers = data_cfg.num_workers
+        self.workers = data_cfg.num_workers or max(1, self.threads)  # default: the CPUs this worker was given
         self.post = [photometric(data_cfg, query=True), photometric(data_cfg, query=False)]
         self._eval: dict = {}
         self._train = self._loader("train", train=True)
