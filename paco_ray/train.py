@@ -250,6 +250,7 @@ def fit(cfg: TrainConfig):
     from ray.train.torch import TorchTrainer
 
     cfg.data.path = str(resolve_dataset(cfg.data))  # prepare once here, not in every worker
+    PreparedDataset.open(cfg.data.path)  # a bad dataset fails here in one line, not in every worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),

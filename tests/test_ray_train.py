@@ -41,3 +41,9 @@ def test_too_many_workers_for_the_cluster_fail_fast(ray_cluster, tiny_dataset, t
     assert train_cli.main(["--workers", "4", "--set", f"data.path={tiny_dataset}",
                            "--set", f"storage_path={tmp_path}", "--set", "data.batch_size=16"]) == 2
     assert "workers: 4 workers x 1 CPU exceed the cluster's 2 CPU" in capsys.readouterr().err
+
+
+def test_bad_dataset_path_fails_in_the_driver_with_one_line(ray_cluster, tmp_path, capsys):
+    assert train_cli.main(["--set", f"data.path={tmp_path / 'nowhere'}", "--set", f"storage_path={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data.path:") and "nowhere is not a directory" in err and "\n" not in err

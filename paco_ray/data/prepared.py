@@ -43,6 +43,8 @@ class PreparedDataset:
     @classmethod
     def open(cls, path: str | Path) -> "PreparedDataset":
         path = Path(path)
+        if not path.is_dir():
+            raise DatasetError(f"data.path: {path} is not a directory (prepare one with python -m pipelines...)")
         for name in ("manifest.parquet", "classes.parquet"):
             if not (path / name).is_file():
                 raise DatasetError(f"data.path: {path / name} missing (prepare the dataset with python -m pipelines...)")
