@@ -2,8 +2,8 @@
 
 Families: ``small`` (Fashion-MNIST, CIFAR: pad-and-crop + flip, optional RandAugment on the
 query view) and ``imagenet`` (random resized crop + flip; colour jitter, grayscale and blur on the
-key view; RandAugment on the query view). ``geometric`` transforms are the ones the FFCV path
-runs as FFCV operations; ``photometric`` ones run per sample after decoding in both paths.
+key view; RandAugment on the query view). The FFCV path runs the geometric and key-view colour
+ops as FFCV operations; RandAugment (not in FFCV) runs per sample after decoding in both paths.
 """
 from __future__ import annotations
 
@@ -17,19 +17,44 @@ def geometric(data_cfg, image_size: int) -> list:
     return [crop, v2.RandomHorizontalFlip()]
 
 
-def photometric(data_cfg, query: bool) -> list:
-    ops = []
-    if query and data_cfg.randaugment_ops > 0:
-        ops.append(v2.RandAugment(num_ops=data_cfg.randaugment_ops, magnitude=data_cfg.randaugment_magnitude))
-    if not query and data_cfg.augment == "imagenet":
-        ops += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2),
-                v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5)]
-    return ops
+def blur_kernel_size(image_size: int) -> int:
+    """An odd kernel of about 10% of the image side (SimCLR), at least 3."""
+    return max(3, int(0.1 * image_size)) | 1
+
+
+def key_color(data_cfg, image_size: int) -> list:
+    """The key view's photometric ops of the imagenet family, as torchvision v2 transforms."""
+    if data_cfg.augment != "imagenet":
+        return []
+    return [v2.RandomApply([v2.ColorJitter(brightness=0.4)], p=0.8),
+            v2.RandomApply([v2.ColorJitter(contrast=0.4)], p=0.8),
+            v2.RandomApply([v2.ColorJitter(saturation=0.4)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=0.5)]
+
+
+def ffcv_key_color(data_cfg, image_size: int) -> list:
+    """The same ops as ``key_color``, as compiled FFCV operations on decoded HxWx3 batches."""
+    if data_cfg.augment != "imagenet":
+        return []
+    from ffcv.transforms import RandomBrightness, RandomContrast, RandomSaturation
+
+    from .ffcv_ops import RandomGaussianBlur, RandomGrayscale
+
+    return [RandomBrightness(0.4, p=0.8), RandomContrast(0.4, p=0.8), RandomSaturation(0.4, p=0.8),
+            RandomGrayscale(p=0.2), RandomGaussianBlur(blur_kernel_size(image_size), (0.1, 2.0), p=0.5)]
+
+
+def query_randaugment(data_cfg) -> list:
+    if data_cfg.randaugment_ops <= 0:
+        return []
+    return [v2.RandAugment(num_ops=data_cfg.randaugment_ops, magnitude=data_cfg.randaugment_magnitude)]
 
 
 def view_transform(data_cfg, image_size: int, query: bool) -> v2.Compose:
     """The full transform of one view for the torch loader."""
-    return v2.Compose(geometric(data_cfg, image_size) + photometric(data_cfg, query))
+    photometric = query_randaugment(data_cfg) if query else key_color(data_cfg, image_size)
+    return v2.Compose(geometric(data_cfg, image_size) + photometric)
 
 
 def eval_transform(data_cfg, image_size: int) -> v2.Compose:

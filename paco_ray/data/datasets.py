@@ -12,7 +12,6 @@ from .longtail import ClassInfo, exponential_profile, longtail_split, scaled_sho
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 
 
 @dataclass
@@ -31,12 +30,6 @@ class DatasetSplits:
     val: ImageSet
     test: ImageSet
     classes: ClassInfo
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @property
-    def in_channels(self) -> int:
-        return self.train.images.shape[1]
 
     def split(self, name: str) -> ImageSet:
         if name not in ("train", "val", "test"):
@@ -81,5 +74,4 @@ def fashion_mnist_lt(root: str | Path, imbalance_factor: float = 100.0, max_per_
         val=image_set(train_file, train_images, train_labels, val_idx),
         test=image_set(test_file, test_images, test_labels, np.arange(len(test_labels))),
         classes=ClassInfo(FASHION_MNIST_CLASSES, tuple(counts), many, few),
-        mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
     )

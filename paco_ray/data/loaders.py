@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .augment import eval_transform, geometric, photometric, view_transform
+from .augment import eval_transform, ffcv_key_color, query_randaugment, view_transform
 from .prepared import DatasetError, PreparedDataset
 from .sources import read_source
 
@@ -122,11 +122,11 @@ class FFCVLoaders(_Normalizer):
         self.data, self.cfg, self.rank, self.world_size, self.seed = data, data_cfg, rank, world_size, seed
         self.size = _image_size(data_cfg, data)
         self.workers = data_cfg.num_workers or max(1, self.threads)  # default: the CPUs this worker was given
-        self.post = [photometric(data_cfg, query=True), photometric(data_cfg, query=False)]
+        self.query_post = query_randaugment(data_cfg)
         self._eval: dict = {}
         self._train = self._loader("train", train=True)
 
-    def _view(self, train: bool) -> list:
+    def _view(self, train: bool, key: bool = False) -> list:
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
         from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToDevice, ToTensor, ToTorchImage
 
@@ -139,6 +139,8 @@ class FFCVLoaders(_Normalizer):
                 ops.append(RandomTranslate(padding=self.cfg.crop_padding))
         else:
             ops = [CenterCropRGBImageDecoder((self.size, self.size), 0.875) if imagenet else SimpleRGBImageDecoder()]
+        if key:
+            ops += ffcv_key_color(self.cfg, self.size)
         ops += [ToTensor(), ToTorchImage(channels_last=False)]
         if self.device.type == "cuda":
             ops.append(ToDevice(self.device, non_blocking=True))
@@ -153,7 +155,8 @@ class FFCVLoaders(_Normalizer):
         pipelines = {"image": self._view(train), "label": [IntDecoder(), ToTensor(), Squeeze(1)],
                      "index": [IntDecoder(), ToTensor(), Squeeze(1)]}
         if train:
-            pipelines["image_key"] = PipelineSpec("image", decoder=self._view(train)[0], transforms=self._view(train)[1:])
+            key_view = self._view(train, key=True)
+            pipelines["image_key"] = PipelineSpec("image", decoder=key_view[0], transforms=key_view[1:])
             options = dict(batch_size=self.cfg.batch_size // self.world_size, seed=self.seed, drop_last=True,
                            order=sharded_order(self.rank, self.world_size))
         else:
@@ -172,12 +175,9 @@ class FFCVLoaders(_Normalizer):
 
     def train(self, epoch: int):
         self._train.next_epoch = epoch  # FFCV orders epoch e by seed + e
-        query_ops, key_ops = self.post
         for x_q, labels, index, x_k in self._train:
-            if query_ops:
-                x_q = torch.stack([_apply(query_ops, x) for x in x_q])
-            if key_ops:
-                x_k = torch.stack([_apply(key_ops, x) for x in x_k])
+            if self.query_post:  # RandAugment is not an FFCV operation: per sample, after decoding
+                x_q = torch.stack([_apply(self.query_post, x) for x in x_q])
             yield x_q, x_k, labels, index
 
     def eval(self, split: str):
