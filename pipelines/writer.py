@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from paco_ray.data.longtail import shot_group
 
-SPLITS = ("train", "val", "test")
+FORMAT_VERSION = 1  # bump when the layout of a prepared directory changes
 FINGERPRINT_KEY = b"paco_ray.fingerprint"
 MANIFEST_SCHEMA = pa.schema([
     ("split", pa.string()), ("index", pa.int64()), ("label", pa.int64()),
@@ -69,9 +69,24 @@ def _check_output(out: Path, fingerprint: dict, force: bool) -> bool:
                         f"({existing.get('pipeline')}: {existing.get('source')}); pass --force to replace it")
 
 
-def _load_checked(samples: Sequence[Sample], skip_bad: bool) -> tuple[list[Sample], list[tuple[Sample, str]], int]:
-    """Decode every sample once; bad ones raise (naming the source) or are collected when skipping."""
-    good, bad, channels = [], [], None
+def stored_shape(height: int, width: int, max_resolution: int | None) -> tuple[int, int]:
+    """(H, W) after FFCV's writer shrinks the longer side to max_resolution."""
+    ratio = max_resolution / max(height, width) if max_resolution else 1.0
+    return (int(ratio * height), int(ratio * width)) if ratio < 1 else (height, width)
+
+
+def _common_square_side(shapes: set[tuple[int, int]]) -> int:
+    """The side when every stored image is the same square; 0 when sizes vary (data.image_size needed)."""
+    if len(shapes) != 1:
+        return 0
+    (height, width), = shapes
+    return height if height == width else 0
+
+
+def _load_checked(samples: Sequence[Sample], skip_bad: bool, max_resolution: int | None):
+    """Decode every sample once; bad ones raise (naming the source) or are collected when skipping.
+    Returns (good, bad, channels, the set of stored shapes)."""
+    good, bad, channels, shapes = [], [], None, set()
     for sample in samples:
         try:
             image = sample.load()
@@ -85,8 +100,9 @@ def _load_checked(samples: Sequence[Sample], skip_bad: bool) -> tuple[list[Sampl
             bad.append((sample, reason))
             continue
         channels = max(channels or 0, image.shape[2])
+        shapes.add(stored_shape(image.shape[0], image.shape[1], max_resolution))
         good.append(sample)
-    return good, bad, channels or 3
+    return good, bad, channels or 3, shapes
 
 
 class _BetonSource:
@@ -121,7 +137,7 @@ def write_prepared(out: str | Path, *, fingerprint: dict, class_names: Sequence[
                    num_workers: int = 1) -> Path:
     """Validate, then write manifest, classes and one .beton per split into ``out`` atomically."""
     out = Path(out).resolve()
-    fingerprint = {**fingerprint, "splits": list(splits), "write_mode": write_mode,
+    fingerprint = {**fingerprint, "format": FORMAT_VERSION, "splits": list(splits), "write_mode": write_mode,
                    "max_resolution": max_resolution, "skip_bad": skip_bad}
     if _check_output(out, fingerprint, force):
         print(f"{out}: already prepared with these inputs (use --force to rebuild)")
@@ -131,10 +147,11 @@ def write_prepared(out: str | Path, *, fingerprint: dict, class_names: Sequence[
         for s in samples:
             if not 0 <= s.label < num_classes:
                 raise PipelineError(f"{s.source}: label {s.label} outside 0..{num_classes - 1} ({split} split)")
-    rows, kept, channels = [], {}, 1
+    rows, kept, channels, shapes = [], {}, 1, set()
     for split, samples in splits.items():
-        good, bad, split_channels = _load_checked(samples, skip_bad)
+        good, bad, split_channels, split_shapes = _load_checked(samples, skip_bad, max_resolution)
         channels = max(channels, split_channels)
+        shapes |= split_shapes
         kept[split] = good
         rows += [(split, i, s.label, s.source, False, "") for i, s in enumerate(good)]
         rows += [(split, -1, s.label, s.source, True, reason) for s, reason in bad]
@@ -155,7 +172,10 @@ def write_prepared(out: str | Path, *, fingerprint: dict, class_names: Sequence[
             "shot_group": [shot_group(int(n), many, few) for n in train_counts],
             "many_threshold": np.full(num_classes, many, dtype=np.int64),
             "few_threshold": np.full(num_classes, few, dtype=np.int64),
-        }).replace_schema_metadata({b"paco_ray.channels": str(channels).encode()}), tmp / "classes.parquet")
+        }).replace_schema_metadata({
+            b"paco_ray.channels": str(channels).encode(),
+            b"paco_ray.image_size": str(_common_square_side(shapes)).encode(),
+        }), tmp / "classes.parquet")
         for split, good in kept.items():
             write_beton(tmp / f"{split}.beton", good, write_mode=write_mode, max_resolution=max_resolution,
                         num_workers=num_workers)

@@ -51,6 +51,7 @@ def test_fashion_mnist_manifest_classes_and_round_trip(tmp_path, ffcv_uncompiled
     classes = pq.read_table(out / "classes.parquet").to_pydict()
     assert classes["train_count"] == expected and classes["name"][9] == "Ankle boot"
     assert set(classes["many_threshold"]) == {100} and set(classes["few_threshold"]) == {20}
+    assert PreparedDataset.open(out).image_size == 28  # recorded: loaders never read the raw source
     for split in ("train", "val", "test"):
         assert_round_trip(out, split)
 
@@ -176,6 +177,9 @@ def test_txt_list_jpeg_and_raw(tmp_path, ffcv_uncompiled):
         assert data.classes.names == ("tench", "goldfish", "great white shark")
         assert data.classes.train_counts == (5, 3, 2) and data.channels == 3
         assert data.sources["train"][0] == str(tmp_path / "train/c0/img0.jpg")
+        assert data.image_size == 0  # sizes vary
+    with pytest.raises(DatasetError, match="data.image_size: images in .* vary in size"):
+        build_loaders(data, DataConfig(path=str(out)), rank=0, world_size=1, seed=0, device=torch.device("cpu"))
     # raw mode keeps exact pixels (no resize below 64 px)
     from ffcv.reader import Reader
     reader = Reader(str(tmp_path / "out_raw" / "train.beton"))

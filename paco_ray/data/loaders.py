@@ -54,7 +54,10 @@ class SourceImages(Dataset):
 def _image_size(data_cfg, data: PreparedDataset) -> int:
     if data_cfg.image_size:
         return data_cfg.image_size
-    return read_source(data.sources["train"][0]).shape[0]
+    if not data.image_size:
+        raise DatasetError(f"data.image_size: images in {data.path} vary in size; set data.image_size "
+                           "(and data.augment=imagenet)")
+    return data.image_size
 
 
 class TorchLoaders(_Normalizer):

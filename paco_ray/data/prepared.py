@@ -25,6 +25,7 @@ class PreparedDataset:
     sources: dict[str, list[str]]   # split -> source of each .beton row
     labels: dict[str, list[int]]
     fingerprint: dict
+    image_size: int = 0  # side of the stored square images when all share it, else 0
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -69,7 +70,8 @@ class PreparedDataset:
             if not (path / f"{split}.beton").is_file():
                 raise DatasetError(f"data.path: {path / f'{split}.beton'} missing")
         fingerprint = json.loads((manifest.schema.metadata or {}).get(b"paco_ray.fingerprint", b"{}"))
-        return cls(path, classes, int(meta.get(b"paco_ray.channels", b"3")), sources, labels, fingerprint)
+        return cls(path, classes, int(meta.get(b"paco_ray.channels", b"3")), sources, labels, fingerprint,
+                   int(meta.get(b"paco_ray.image_size", b"0")))
 
 
 def default_dataset_dir(data_cfg) -> Path:
