@@ -73,17 +73,23 @@ def format_per_class(metrics: dict, classes: ClassInfo) -> str:
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(path: str, splits: list[str]) -> tuple[dict[str, dict], ClassInfo]:
-    """Rebuild the model and data named by a checkpoint and evaluate it on ``splits``."""
+def evaluate_checkpoint(path: str, splits: list[str] | None = None) -> tuple[dict[str, dict], ClassInfo]:
+    """Rebuild the model and data named by a checkpoint and evaluate it on ``splits``
+    (default: val and, when the dataset has one, test)."""
     from .checkpoint import load_state
     from .config import TrainConfig
     from .data.loaders import build_loaders
-    from .data.prepared import PreparedDataset, resolve_dataset
+    from .data.prepared import DatasetError, PreparedDataset, resolve_dataset
     from .train import build_model
 
     state = load_state(path)
     cfg = TrainConfig.from_dict(state["config"])
     data = PreparedDataset.open(resolve_dataset(cfg.data))
+    if splits is None:
+        splits = [s for s in ("val", "test") if s in data.labels]
+    missing = [s for s in splits if s not in data.labels]
+    if missing:
+        raise DatasetError(f"--split {missing[0]}: {data.path} has no {missing[0]} split")
     classes = ClassInfo.from_dict(state["classes"])
     model = build_model(cfg, classes.num_classes, data.channels)
     model.load_state_dict(state["model"])

@@ -23,7 +23,7 @@ from .checkpoint import CheckpointError, load_state, rng_states, save_state, set
 from .config import ConfigError, TrainConfig, load_config
 from .data.loaders import build_loaders
 from .data.prepared import DatasetError, PreparedDataset, resolve_dataset
-from .evaluate import format_table, metrics_from_counts, per_class_counts
+from .evaluate import evaluate_checkpoint, format_table, metrics_from_counts, per_class_counts
 from .losses import balanced_softmax, cross_entropy, paco_loss
 from .model import PaCoModel
 
@@ -294,15 +294,6 @@ def best_checkpoint(result) -> str:
     return checkpoint.path
 
 
-def final_evaluation(checkpoint_path: str, data_path: str) -> dict[str, dict]:
-    """Validation and (when the dataset has one) test metrics of a checkpoint."""
-    from .evaluate import evaluate_checkpoint
-
-    splits = [s for s in ("val", "test") if s in PreparedDataset.open(data_path).labels]
-    results, _ = evaluate_checkpoint(checkpoint_path, splits)
-    return results
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m paco_ray.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", help="YAML config (default: the embedded Fashion-MNIST-LT job)")
@@ -335,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: training failed: {result.error}", file=sys.stderr)
             return 1
         path = best_checkpoint(result)
-        table = final_evaluation(path, cfg.data.path)
+        table, _ = evaluate_checkpoint(path)
     except (ConfigError, CheckpointError, DatasetError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from paco_ray.data.datasets import ImageSet, fashion_mnist_lt
+from paco_ray.data.datasets import DatasetSplits, ImageSet, fashion_mnist_lt
 
 from .writer import PipelineError, Sample, run_cli, write_prepared
 
@@ -20,15 +20,9 @@ def samples(images: ImageSet) -> list[Sample]:
     return [Sample(src, int(y), lambda i=i: array[i]) for i, (src, y) in enumerate(zip(images.sources, images.labels))]
 
 
-def prepare(src: str | Path, out: str | Path, *, imbalance_factor: float = 100.0, max_per_class: int = 5000,
-            val_per_class: int = 500, force: bool = False) -> Path:
-    try:
-        data = fashion_mnist_lt(src, imbalance_factor, max_per_class, val_per_class)
-    except ValueError as err:
-        raise PipelineError(str(err).replace("data.root", "--src").replace(
-            "data.max_per_class/data.val_per_class", "--max-per-class/--val-per-class")) from None
-    except FileNotFoundError as err:
-        raise FileNotFoundError(str(err).replace("data.root", "--src")) from None
+def write(data: DatasetSplits, src: str | Path, out: str | Path, *, imbalance_factor: float, max_per_class: int,
+          val_per_class: int, force: bool = False) -> Path:
+    """Write already-loaded Fashion-MNIST-LT splits as a prepared dataset."""
     fingerprint = {"pipeline": "fashion_mnist", "source": str(Path(src).resolve()),
                    "imbalance_factor": imbalance_factor, "max_per_class": max_per_class,
                    "val_per_class": val_per_class}
@@ -36,6 +30,20 @@ def prepare(src: str | Path, out: str | Path, *, imbalance_factor: float = 100.0
                           splits={s: samples(data.split(s)) for s in ("train", "val", "test")},
                           thresholds=(data.classes.many_threshold, data.classes.few_threshold),
                           write_mode="raw", force=force)
+
+
+def prepare(src: str | Path, out: str | Path, *, imbalance_factor: float = 100.0, max_per_class: int = 5000,
+            val_per_class: int = 500, force: bool = False) -> Path:
+    """Load and write, with errors phrased for this CLI's flags."""
+    try:
+        data = fashion_mnist_lt(src, imbalance_factor, max_per_class, val_per_class)
+    except ValueError as err:
+        raise PipelineError(str(err).replace("data.root", "--src").replace(
+            "data.max_per_class/data.val_per_class", "--max-per-class/--val-per-class")) from None
+    except FileNotFoundError as err:
+        raise FileNotFoundError(str(err).replace("data.root", "--src")) from None
+    return write(data, src, out, imbalance_factor=imbalance_factor, max_per_class=max_per_class,
+                 val_per_class=val_per_class, force=force)
 
 
 def main(argv: list[str] | None = None) -> int:

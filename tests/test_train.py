@@ -99,3 +99,27 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_config, tmp_path):
     train(tiny_config("optim.epochs=1", "optim.warmup_epochs=0", "model.proj_dim=8"), first)
     with pytest.raises(CheckpointError, match=r"does not fit this model \(resnet_small28, 10 classes\).*size mismatch"):
         train(tiny_config("model.proj_dim=16"), LocalSession(tmp_path / "b", resume_from=first.reports[-1]["checkpoint_path"]))
+
+
+def test_evaluate_names_a_missing_split_and_defaults_to_the_present_ones(tiny_config, tiny_dataset, tmp_path, capsys):
+    import shutil
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from paco_ray import evaluate as evaluate_cli
+
+    no_test = tmp_path / "no_test"
+    shutil.copytree(tiny_dataset, no_test)
+    manifest = pq.read_table(no_test / "manifest.parquet")
+    pq.write_table(manifest.filter(pc.not_equal(manifest["split"], "test")), no_test / "manifest.parquet")
+    (no_test / "test.beton").unlink()
+    session = LocalSession(tmp_path / "out")
+    train(tiny_config(f"data.path={no_test}", "optim.epochs=1", "optim.warmup_epochs=0"), session)
+    checkpoint = session.reports[-1]["checkpoint_path"]
+
+    results, _ = evaluate_cli.evaluate_checkpoint(checkpoint)
+    assert list(results) == ["val"]
+    assert evaluate_cli.main([checkpoint, "--split", "test"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --split test: {no_test} has no test split"

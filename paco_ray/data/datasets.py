@@ -18,7 +18,7 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 class ImageSet:
     images: torch.Tensor  # (N, C, H, W) uint8
     labels: torch.Tensor  # (N,) int64
-    sources: list[str] | None = None  # where each image came from ("file#row" or a path)
+    sources: list[str]    # where each image came from ("file#row")
 
     def __len__(self) -> int:
         return len(self.labels)

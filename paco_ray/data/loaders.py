@@ -77,10 +77,11 @@ class TorchLoaders(_Normalizer):
         sampler = DistributedSampler(self.train_set, num_replicas=self.world_size, rank=self.rank,
                                      shuffle=True, seed=self.seed, drop_last=True)
         sampler.set_epoch(epoch)
-        torch.manual_seed(epoch_seed(self.seed, epoch, self.rank))  # augmentation RNG when num_workers == 0
+        seed = epoch_seed(self.seed, epoch, self.rank)
+        torch.manual_seed(seed)  # augmentation RNG when num_workers == 0
         return DataLoader(self.train_set, batch_size=self.cfg.batch_size // self.world_size, sampler=sampler,
                           drop_last=True, num_workers=self.cfg.num_workers,
-                          generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch, self.rank)),
+                          generator=torch.Generator().manual_seed(seed),
                           pin_memory=self.device.type == "cuda")
 
     def eval(self, split: str):

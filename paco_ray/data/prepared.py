@@ -1,7 +1,6 @@
 """A prepared dataset directory (see pipelines/writer.py), opened and validated for training."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,6 @@ class PreparedDataset:
     channels: int
     sources: dict[str, list[str]]   # split -> source of each .beton row
     labels: dict[str, list[int]]
-    fingerprint: dict
     image_size: int = 0  # side of the stored square images when all share it, else 0
 
     @property
@@ -61,16 +59,13 @@ class PreparedDataset:
         m = manifest.filter(manifest.column("skipped").to_numpy(zero_copy_only=False) == False).to_pydict()  # noqa: E712
         sources: dict[str, list[str]] = {}
         labels: dict[str, list[int]] = {}
-        for split, index, label, source in zip(m["split"], m["index"], m["label"], m["source"]):
-            sources.setdefault(split, []).append((index, source))
-            labels.setdefault(split, []).append((index, label))
-        for split in list(sources):
-            sources[split] = [s for _, s in sorted(sources[split])]
-            labels[split] = [y for _, y in sorted(labels[split])]
+        for split, _, label, source in sorted(zip(m["split"], m["index"], m["label"], m["source"])):
+            sources.setdefault(split, []).append(source)  # in .beton row order
+            labels.setdefault(split, []).append(label)
+        for split in sources:
             if not (path / f"{split}.beton").is_file():
                 raise DatasetError(f"data.path: {path / f'{split}.beton'} missing")
-        fingerprint = json.loads((manifest.schema.metadata or {}).get(b"paco_ray.fingerprint", b"{}"))
-        return cls(path, classes, int(meta.get(b"paco_ray.channels", b"3")), sources, labels, fingerprint,
+        return cls(path, classes, int(meta.get(b"paco_ray.channels", b"3")), sources, labels,
                    int(meta.get(b"paco_ray.image_size", b"0")))
 
 
@@ -85,12 +80,14 @@ def resolve_dataset(data_cfg) -> Path:
     """``data.path``, or the embedded default, prepared once (a no-op when already cached)."""
     if data_cfg.path:
         return Path(data_cfg.path)
-    from pipelines.fashion_mnist import prepare
+    from pipelines.fashion_mnist import write
 
-    out = default_dataset_dir(data_cfg)
-    try:
-        return prepare(data_cfg.root, out, imbalance_factor=data_cfg.imbalance_factor,
-                       max_per_class=data_cfg.max_per_class, val_per_class=data_cfg.val_per_class)
+    from .datasets import fashion_mnist_lt
+
+    try:  # fashion_mnist_lt already names the data.* keys in its errors
+        data = fashion_mnist_lt(data_cfg.root, data_cfg.imbalance_factor, data_cfg.max_per_class,
+                                data_cfg.val_per_class)
+        return write(data, data_cfg.root, default_dataset_dir(data_cfg), imbalance_factor=data_cfg.imbalance_factor,
+                     max_per_class=data_cfg.max_per_class, val_per_class=data_cfg.val_per_class)
     except (ValueError, FileNotFoundError) as err:
-        raise DatasetError(str(err).replace("--src", "data.root").replace(
-            "--max-per-class/--val-per-class", "data.max_per_class/data.val_per_class")) from None
+        raise DatasetError(str(err)) from None
