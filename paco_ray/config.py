@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,9 @@ LOSSES = ("paco", "gpaco", "balanced_softmax", "ce")
 DATASETS = ("fashion_mnist_lt",)
 LOADERS = ("ffcv", "torch")
 AUGMENTS = ("small", "imagenet")
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -98,7 +102,8 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
-        return self.name or f"{self.data.dataset}-{self.loss}-seed{self.seed}"
+        dataset = Path(self.data.path).name if self.data.path else self.data.dataset
+        return self.name or f"{dataset}-{self.loss}-seed{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,6 +126,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             return int(value)
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads 1e-4 as a string
             return float(value)
     elif kind is str:
         if isinstance(value, str):

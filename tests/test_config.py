@@ -19,6 +19,10 @@ def test_yaml_file_and_overrides(tmp_path):
     assert (cfg.loss, cfg.paco.temperature, cfg.paco.queue_size, cfg.paco.alpha) == ("gpaco", 0.1, 1000, 0.2)
     assert cfg.data.batch_size == 64 and cfg.optim.epochs == 3 and cfg.optim.nesterov is True
     assert isinstance(load_config(None, ["paco.alpha=1"]).paco.alpha, float)  # int accepted for float
+    # YAML 1.1 reads 1e-6 (no dot) as a string; a float key still takes it as a number
+    assert load_config(None, ["optim.lr=1e-6"]).optim.lr == 1e-6
+    with pytest.raises(ConfigError, match="optim.lr: expected float, got '1e-6x'"):
+        load_config(None, ["optim.lr=1e-6x"])
 
 
 @pytest.mark.parametrize("override,key", [
