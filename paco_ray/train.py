@@ -8,6 +8,7 @@ It talks to Ray only through a small session object, so it also runs in-process 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -235,7 +236,10 @@ def train(cfg: TrainConfig, session) -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker."""
-    train(TrainConfig.from_dict(config), RaySession())
+    cfg = TrainConfig.from_dict(config)
+    # Ray Train logs every report at INFO through a logger outside ray.train; obey log_level
+    logging.getLogger().setLevel(cfg.log_level)
+    train(cfg, RaySession())
 
 
 # ----------------------------------------------------------------------------- launching

@@ -202,8 +202,8 @@ def _fmt(value: Any) -> str:
 
 def prune_checkpoints(rows: list[TrialSummary], space: SearchSpace) -> tuple[int, int]:
     """Apply the checkpoint policy: the best ``keep_per_trial`` checkpoints of the best
-    ``keep_trials`` trials survive; every other checkpoint directory is deleted.
-    Returns (kept, deleted)."""
+    ``keep_trials`` trials survive; every other checkpoint directory is deleted, except those of
+    errored trials (``--resume`` retries them from their last checkpoint). Returns (kept, deleted)."""
     fs, root = filesystem(space.experiment_path)
     import pyarrow.fs
 
@@ -216,7 +216,7 @@ def prune_checkpoints(rows: list[TrialSummary], space: SearchSpace) -> tuple[int
             present = [p for _, p in t.checkpoints if _exists(fs, p)]
             keep = set(present[:space.checkpoints.keep_per_trial])
         run_dir = f"{root}/train/{t.trial_id}"
-        if not _exists(fs, run_dir):
+        if t.status == "error" or not _exists(fs, run_dir):
             continue
         for info in fs.get_file_info(pyarrow.fs.FileSelector(run_dir)):
             if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
@@ -341,6 +341,10 @@ def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
             run_config=tune.RunConfig(name=space.name, storage_path=space.storage_path, verbose=1))
     results = tuner.fit()
     elapsed = time.perf_counter() - started
+    unfinished = len(results) - results.num_terminated - results.num_errors
+    if unfinished:  # interrupted (Ctrl-C): keep every checkpoint for --resume
+        print(f"error: interrupted with {unfinished} unfinished trials; continue with --resume", file=sys.stderr)
+        return 1
 
     rows = summarize(results, space)
     kept, deleted = prune_checkpoints(rows, space)

@@ -183,7 +183,7 @@ def test_pruning_keeps_the_best_checkpoints_of_the_best_trials(tmp_path):
     space = parse({**copy.deepcopy(MINIMAL), "storage_path": str(tmp_path),
                    "checkpoints": {"keep_per_trial": 1, "keep_trials": 2}})
     rows = []
-    for trial, scores in {"a": [30, 50], "b": [60, 40], "c": [20, 10], "d": []}.items():
+    for trial, scores in {"a": [30, 50], "b": [60, 40], "c": [20, 10], "d": [], "e": [5]}.items():
         run = tmp_path / "t" / "train" / trial
         checkpoints = []
         for epoch, score in enumerate(scores):
@@ -191,9 +191,10 @@ def test_pruning_keeps_the_best_checkpoints_of_the_best_trials(tmp_path):
             path.mkdir(parents=True)
             checkpoints.append((score, str(path)))
         (run / "checkpoint_unreported").mkdir(parents=True)  # written after the trial was stopped
-        rows.append(TrialSummary(trial, {}, len(scores), max(scores, default=math.nan), "completed",
+        status = "error" if trial == "e" else "completed"  # an errored trial keeps its checkpoints
+        rows.append(TrialSummary(trial, {}, len(scores), max(scores, default=math.nan), status,
                                  sorted(checkpoints, key=lambda c: -c[0])))
     rows.sort(key=lambda t: -t.best if math.isfinite(t.best) else math.inf)
     assert prune_checkpoints(rows, space) == (2, 8)
     left = sorted(str(p.relative_to(tmp_path / "t" / "train")) for p in (tmp_path / "t" / "train").glob("*/checkpoint_*"))
-    assert left == ["a/checkpoint_1", "b/checkpoint_0"]
+    assert left == ["a/checkpoint_1", "b/checkpoint_0", "e/checkpoint_0", "e/checkpoint_unreported"]
