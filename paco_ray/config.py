@@ -20,6 +20,7 @@ LOSSES = ("paco", "gpaco", "balanced_softmax", "ce")
 DATASETS = ("fashion_mnist_lt",)
 LOADERS = ("ffcv", "torch")
 AUGMENTS = ("small", "imagenet")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -90,6 +91,7 @@ class TrainConfig:
     name: str = ""  # empty: derived from dataset, loss and seed
     keep_checkpoints: int = 2
     max_failures: int = 0
+    placement_strategy: str = "PACK"  # of the workers over nodes: PACK | SPREAD | STRICT_SPREAD | STRICT_PACK
     log_level: str = "WARNING"  # Ray Train's own log lines; progress is printed by rank 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -176,6 +178,8 @@ def validate(cfg: TrainConfig) -> None:
            "must be DEBUG, INFO, WARNING or ERROR", cfg.log_level)
     _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", cfg.keep_checkpoints)
     _check(cfg.max_failures >= -1, "max_failures", "must be >= -1 (-1: retry forever)", cfg.max_failures)
+    _check(cfg.placement_strategy in PLACEMENTS, "placement_strategy", f"must be one of {', '.join(PLACEMENTS)}",
+           cfg.placement_strategy)
     _check(bool(cfg.storage_path), "storage_path", "must not be empty", cfg.storage_path)
     _check("/" not in cfg.name, "name", "must not contain '/'", cfg.name)
 

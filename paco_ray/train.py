@@ -27,6 +27,7 @@ from .data.prepared import DatasetError, PreparedDataset, resolve_dataset
 from .evaluate import evaluate_checkpoint, format_table, metrics_from_counts, per_class_counts
 from .losses import balanced_softmax, cross_entropy, paco_loss
 from .model import PaCoModel
+from .telemetry import RayMetrics, TensorBoard
 
 # ----------------------------------------------------------------------------- building blocks
 
@@ -77,6 +78,11 @@ class LocalSession:
         self.out_dir, self.resume_from = Path(out_dir), resume_from
         self.reports: list[dict[str, Any]] = []
 
+    def telemetry(self) -> tuple[TensorBoard | None, RayMetrics | None]:
+        import pyarrow.fs
+
+        return TensorBoard(pyarrow.fs.LocalFileSystem(), str(self.out_dir / "tensorboard")), None
+
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
 
@@ -99,6 +105,18 @@ class RaySession:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+
+    def telemetry(self) -> tuple[TensorBoard | None, RayMetrics | None]:
+        """TensorBoard from rank 0 into the run's storage; Ray gauges from every worker, tagged by
+        trial (the Tune trial id, or the run name) and worker rank."""
+        import ray.train
+
+        context = ray.train.get_context()
+        storage = context.get_storage()
+        tensorboard = None
+        if self.rank == 0:
+            tensorboard = TensorBoard(storage.storage_filesystem, f"{storage.experiment_fs_path}/tensorboard")
+        return tensorboard, RayMetrics(context.get_experiment_name().rsplit("/", 1)[-1], self.rank)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
@@ -159,6 +177,7 @@ def train(cfg: TrainConfig, session) -> None:
     amp_dtype = getattr(torch, cfg.amp_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
 
+    tensorboard, ray_metrics = session.telemetry()
     start_epoch = 0
     state = session.load_checkpoint()
     if state is not None:
@@ -180,7 +199,7 @@ def train(cfg: TrainConfig, session) -> None:
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         seen = torch.zeros(data.size("train"), dtype=torch.int32, device=device)
-        steps = 0
+        steps = local_images = 0
         for x_q, x_k, labels, index in loaders.train(epoch):
             x_q, labels = loaders.normalize(x_q), labels.to(device, non_blocking=True)
             x_k = loaders.normalize(x_k) if cfg.contrastive else None
@@ -195,6 +214,7 @@ def train(cfg: TrainConfig, session) -> None:
             loss_sum += loss.detach()
             seen[index.to(device)] += 1
             steps += 1
+            local_images += labels.numel()
         epoch_loss = all_reduce_sum(loss_sum / max(steps, 1)).item() / world_size
         if not math.isfinite(epoch_loss):
             raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1} ({epoch_loss})")
@@ -204,6 +224,7 @@ def train(cfg: TrainConfig, session) -> None:
         # ---- evaluate on the validation split (sharded, counts summed over ranks)
         val = metrics_from_counts(
             per_class_counts(model, loaders.eval("val"), loaders.normalize, classes.num_classes, device), classes)
+        val_per_class = val.pop("per_class")
         metrics = {
             "epoch": epoch + 1,
             "train_loss": epoch_loss,
@@ -212,10 +233,16 @@ def train(cfg: TrainConfig, session) -> None:
             "epoch_time_s": elapsed,
             "train_samples": int((seen > 0).sum().item()),
             "train_duplicate_samples": int((seen > 1).sum().item()),
-            **{f"val_{k}": v for k, v in val.items() if k != "per_class"},
+            **{f"val_{k}": v for k, v in val.items()},
         }
         if cfg.contrastive:
             metrics["queue_fill"] = unwrap(model).queue.filled().item() / cfg.paco.queue_size
+
+        # ---- telemetry: Ray gauges from every worker (its own throughput), TensorBoard from rank 0
+        if ray_metrics is not None:
+            ray_metrics.record({**metrics, "images_per_s": local_images / elapsed})
+        if tensorboard is not None:
+            tensorboard.log(metrics, val_per_class, classes)
 
         # ---- report, with the full state from rank 0
         full_state = None
@@ -232,6 +259,8 @@ def train(cfg: TrainConfig, session) -> None:
                 "metrics": metrics,
             }
         session.report(metrics, full_state)
+    if tensorboard is not None:
+        tensorboard.close()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -258,8 +287,7 @@ def fit(cfg: TrainConfig):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=worker_resources(cfg)),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.run_name, storage_path=cfg.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
@@ -269,6 +297,14 @@ def fit(cfg: TrainConfig):
             logging_config=ray.train.LoggingConfig(log_level=cfg.log_level)),
     )
     return trainer.fit()
+
+
+def scaling_config(cfg: TrainConfig):
+    import ray.train
+
+    return ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                   resources_per_worker=worker_resources(cfg),
+                                   placement_strategy=cfg.placement_strategy)
 
 
 def worker_resources(cfg: TrainConfig) -> dict[str, float]:
@@ -283,6 +319,11 @@ def check_fits_cluster(cfg: TrainConfig) -> None:
     import ray
 
     total = ray.cluster_resources()
+    if cfg.placement_strategy == "STRICT_SPREAD":
+        nodes = sum(1 for node in ray.nodes() if node["Alive"])
+        if cfg.workers > nodes:
+            raise ConfigError(f"placement_strategy: STRICT_SPREAD puts each of the {cfg.workers} workers on its own "
+                              f"node but the cluster has {nodes}")
     for name, per_worker in worker_resources(cfg).items():
         have = total.get(name, 0)
         if per_worker * cfg.workers > have + 1e-9:

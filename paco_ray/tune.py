@@ -10,7 +10,9 @@ on the test split and, with ``--then-train``, retrains the best config on the wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 import tempfile
 import time
@@ -43,7 +45,7 @@ def run_trial(config: dict[str, Any], space: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train import train_loop_per_worker, worker_resources
+    from .train import scaling_config, train_loop_per_worker
 
     search = parse(space)
     cfg = search.trial_config(config)
@@ -51,8 +53,7 @@ def run_trial(config: dict[str, Any], space: dict[str, Any]) -> None:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=worker_resources(cfg)),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=f"{search.name}/train/{trial_id}", storage_path=search.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=search.checkpoints.keep_per_trial,
@@ -282,6 +283,20 @@ def describe(space: SearchSpace, trials: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _environ(**values: str):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b), key=str):
@@ -295,6 +310,7 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
 def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
     import ray
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -338,8 +354,10 @@ def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
                 search_alg=BasicVariantGenerator(random_state=space.search_seed, max_concurrent=max_concurrent),
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=s.max_t, grace_period=s.grace_period,
                                         reduction_factor=s.reduction_factor)),
-            run_config=tune.RunConfig(name=space.name, storage_path=space.storage_path, verbose=1))
-    results = tuner.fit()
+            run_config=tune.RunConfig(name=space.name, storage_path=space.storage_path, verbose=1,
+                                      callbacks=[CSVLoggerCallback(), JsonLoggerCallback()]))
+    with _environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):  # TensorBoard comes from the trials' own writer
+        results = tuner.fit()
     elapsed = time.perf_counter() - started
     unfinished = len(results) - results.num_terminated - results.num_errors
     if unfinished:  # interrupted (Ctrl-C): keep every checkpoint for --resume

@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny Fashion-MNIST in its real IDX layout, tiny configs, one Ray cluster."""
 import os
+import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,3 +79,40 @@ def ray_cluster(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def easy_dataset(tmp_path_factory):
+    """A tiny dataset that a good learning rate separates within one epoch: the class sets the
+    brightness. Real IDX files through the real pipeline (403 train, 100 val images)."""
+    from pipelines.fashion_mnist import prepare
+
+    root = tmp_path_factory.mktemp("easy-raw")
+    rng = np.random.default_rng(0)
+
+    def images(labels):
+        noise = rng.integers(0, 6, (len(labels), 28, 28))
+        return (labels[:, None, None].astype(np.int64) * 25 + 5 + noise).astype(np.uint8)
+
+    train_labels = rng.permutation(np.repeat(np.arange(10), 120)).astype(np.uint8)
+    test_labels = np.repeat(np.arange(10), 6).astype(np.uint8)
+    write_idx(root / "train-images-idx3-ubyte", images(train_labels))
+    write_idx(root / "train-labels-idx1-ubyte", train_labels)
+    write_idx(root / "t10k-images-idx3-ubyte", images(test_labels))
+    write_idx(root / "t10k-labels-idx1-ubyte", test_labels)
+    return prepare(root, tmp_path_factory.mktemp("easy") / "easy", imbalance_factor=10, max_per_class=100,
+                   val_per_class=10)
+
+
+def event_tags(event_file: Path) -> set[str]:
+    """Summary tags in a TensorBoard event file (TFRecord framing, tensorboardX protobufs)."""
+    from tensorboardX.proto import event_pb2
+
+    tags, data = set(), event_file.read_bytes()
+    offset = 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset:offset + 8])
+        event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+        tags.update(v.tag for v in event.summary.value)
+        offset += 12 + length + 4
+    return tags

@@ -43,6 +43,13 @@ def test_too_many_workers_for_the_cluster_fail_fast(ray_cluster, tiny_dataset, t
     assert "workers: 4 workers x 1 CPU exceed the cluster's 2 CPU" in capsys.readouterr().err
 
 
+def test_strict_spread_needs_a_node_per_worker(ray_cluster, tiny_dataset, tmp_path, capsys):
+    assert train_cli.main(["--workers", "2", "--set", f"data.path={tiny_dataset}", "--set", f"storage_path={tmp_path}",
+                           "--set", "placement_strategy=STRICT_SPREAD", "--set", "cpus_per_worker=0.5"]) == 2
+    assert "placement_strategy: STRICT_SPREAD puts each of the 2 workers on its own node but the cluster has 1" \
+        in capsys.readouterr().err
+
+
 def test_bad_dataset_path_fails_in_the_driver_with_one_line(ray_cluster, tmp_path, capsys):
     assert train_cli.main(["--set", f"data.path={tmp_path / 'nowhere'}", "--set", f"storage_path={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()

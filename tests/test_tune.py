@@ -2,48 +2,23 @@
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
+from conftest import event_tags
 from paco_ray import tune as tune_cli
 from paco_ray.checkpoint import load_state
 from paco_ray.config import load_config
-from paco_ray.data.idx import write_idx
 from paco_ray.search_space import load_space, resolve_trials
 from paco_ray.train import LocalSession, train
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def easy_dataset(tmp_path_factory):
-    """A tiny dataset that a good learning rate separates within one epoch: the class sets the
-    brightness. Real IDX files through the real pipeline (403 train, 100 val images)."""
-    from pipelines.fashion_mnist import prepare
-
-    root = tmp_path_factory.mktemp("easy-raw")
-    rng = np.random.default_rng(0)
-
-    def images(labels):
-        noise = rng.integers(0, 6, (len(labels), 28, 28))
-        return (labels[:, None, None].astype(np.int64) * 25 + 5 + noise).astype(np.uint8)
-
-    train_labels = rng.permutation(np.repeat(np.arange(10), 120)).astype(np.uint8)
-    test_labels = np.repeat(np.arange(10), 6).astype(np.uint8)
-    write_idx(root / "train-images-idx3-ubyte", images(train_labels))
-    write_idx(root / "train-labels-idx1-ubyte", train_labels)
-    write_idx(root / "t10k-images-idx3-ubyte", images(test_labels))
-    write_idx(root / "t10k-labels-idx1-ubyte", test_labels)
-    return prepare(root, tmp_path_factory.mktemp("easy") / "easy", imbalance_factor=10, max_per_class=100,
-                   val_per_class=10)
 
 
 def space_file(tmp_path, dataset, **overrides):
@@ -72,20 +47,6 @@ def trial_results(experiment: Path) -> dict[str, list[dict]]:
         if rows:
             out[rows[0]["trial_id"]] = rows
     return out
-
-
-def scalar_tags(event_file: Path) -> set[str]:
-    """Scalar tags in a TensorBoard event file (TFRecord framing, tensorboardX protobufs)."""
-    from tensorboardX.proto import event_pb2
-
-    tags, data = set(), event_file.read_bytes()
-    offset = 0
-    while offset < len(data):
-        (length,) = struct.unpack("<Q", data[offset:offset + 8])
-        event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-        tags.update(v.tag for v in event.summary.value)
-        offset += 12 + length + 4
-    return tags
 
 
 def test_asha_search_stops_bad_trials_keeps_best_checkpoints_and_exports_a_config(
@@ -120,10 +81,11 @@ def test_asha_search_stops_bad_trials_keeps_best_checkpoints_and_exports_a_confi
         state = load_state(checkpoint)
         assert state["metrics"]["val_balanced_acc"] == best[checkpoint.parent.name]
 
-    # TensorBoard event files per trial, from Tune's tensorboardX logger
-    for trial_dir in experiment.glob("run_trial_*"):
-        (event_file,) = trial_dir.glob("events.out.tfevents.*")
-        assert {"ray/tune/val_balanced_acc", "ray/tune/train_loss"} <= scalar_tags(event_file)
+    # TensorBoard event files per trial from the trials' own tensorboardX writer, and only from it
+    assert not list(experiment.glob("run_trial_*/events.out.tfevents.*"))
+    for trial in results:
+        (event_file,) = (experiment / "train" / trial / "tensorboard").glob("events.out.tfevents.*")
+        assert {"val/balanced_acc", "train/train_loss", "val/per_class_accuracy"} <= event_tags(event_file)
 
     # the exported config is the best trial's, at the full budget, and it trains
     cfg = load_config(experiment / "best_config.yaml")

@@ -1,0 +1,182 @@
+"""A real two-node Ray cluster on this machine (two `ray start` nodes, token auth): DDP with one
+worker per node equals the one-node run, checkpoints land in the shared storage, the project's
+metrics reach each node's Prometheus endpoint, and the dashboard's REST API shows the job."""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from paco_ray import train as train_cli
+from paco_ray.checkpoint import load_state
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TwoNodes:
+    address: str
+    dashboard: str
+    token: str
+    metrics_ports: tuple[int, int]
+    env: dict
+
+    def rest(self, path: str):
+        request = urllib.request.Request(self.dashboard + path, headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+
+
+def stop_processes(markers: list[str]) -> None:
+    """Stop this cluster's processes (and their children) only; `ray stop` would stop every Ray
+    instance on the machine."""
+    found = set()
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if any(marker in cmdline for marker in markers):
+            found.add(process)
+            try:
+                found.update(process.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+    for process in found:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(found, timeout=15)
+    for process in alive:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def two_nodes(ray_cluster):
+    """Head (1 CPU) + one more node (1 CPU); the token is the one the session cluster wrote to HOME."""
+    token = (Path(os.environ["HOME"]) / ".ray" / "auth_token").read_text().strip()
+    temp = Path(tempfile.mkdtemp(prefix="prn", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    gcs, dashboard, client = free_port(), free_port(), free_port()
+    metrics = (free_port(), free_port())
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_metrics_report_interval_ms": "500",
+           "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    common = ["--num-cpus=1", "--disable-usage-stats"]
+    try:
+        subprocess.run([RAY, "start", "--head", f"--port={gcs}", f"--temp-dir={temp}/head",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                        f"--ray-client-server-port={client}", f"--metrics-export-port={metrics[0]}",
+                        f"--dashboard-agent-listen-port={free_port()}", *common],
+                       env=env, check=True, capture_output=True, timeout=180)
+        subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", f"--temp-dir={temp}/node2",
+                        f"--metrics-export-port={metrics[1]}", f"--dashboard-agent-listen-port={free_port()}",
+                        *common], env=env, check=True, capture_output=True, timeout=180)
+        yield TwoNodes(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", token, metrics, env)
+    finally:
+        stop_processes([str(temp), f":{gcs}"])
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+PROM_LINE = re.compile(r"^(ray_paco_\w+)\{([^}]*)\} (\S+)$")
+
+
+def scrape(port: int) -> list[tuple[str, dict, float]]:
+    """The project's gauges in a node's Prometheus text: (name, tags, value)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        match = PROM_LINE.match(line)
+        if match:
+            out.append((match[1], dict(re.findall(r'(\w+)="([^"]*)"', match[2])), float(match[3])))
+    return out
+
+
+def run_args(dataset, storage, name, *extra):
+    return ["--workers", "2", "--set", f"data.path={dataset}", "--set", "data.loader=torch",
+            "--set", "data.batch_size=32", "--set", "optim.epochs=6", "--set", "paco.queue_size=37",
+            "--set", "deterministic=true", "--set", f"storage_path={storage}", "--set", f"name={name}", *extra]
+
+
+def final_state(storage: Path, name: str) -> dict:
+    states = [load_state(p) for p in (storage / name).glob("checkpoint_*") if p.is_dir()]
+    return max(states, key=lambda s: s["epoch"])
+
+
+def test_two_node_ddp_equals_one_node_and_is_observable(two_nodes, ray_cluster, easy_dataset, tmp_path, capsys):
+    shared = tmp_path / "shared"  # one path both nodes see: the cluster's shared storage
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "paco_ray.train", *run_args(easy_dataset, shared, "two-nodes",
+                                                          "--set", "placement_strategy=STRICT_SPREAD")],
+        env={**two_nodes.env, "RAY_ADDRESS": two_nodes.address}, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: dict[tuple[int, str, str], float] = {}  # (metrics port, worker, gauge) -> last value
+    deadline = time.time() + 400
+    while driver.poll() is None and time.time() < deadline:
+        for port in two_nodes.metrics_ports:
+            for name, tags, value in scrape(port):
+                if tags.get("trial") == "two-nodes":
+                    seen[(port, tags["worker"], name)] = value
+        time.sleep(0.5)
+    output = driver.communicate(timeout=60)[0]
+    assert driver.returncode == 0, output[-3000:]
+
+    # one worker on each node, and the workers on the two nodes reached their own node's exporter
+    nodes = {n["raylet"]["nodeId"] for n in two_nodes.rest("/nodes?view=summary")["data"]["summary"]}
+    actors = two_nodes.rest("/api/v0/actors?detail=1&limit=1000")["data"]["result"]["result"]
+    workers = [a for a in actors if a["class_name"] == "RayTrainWorker"]
+    assert len(nodes) == 2 and {a["node_id"] for a in workers} == nodes
+    by_port = {port: {w for (p, w, _) in seen if p == port} for port in two_nodes.metrics_ports}
+    assert sorted(w for ws in by_port.values() for w in ws) == ["0", "1"], by_port
+    assert all(len(ws) == 1 for ws in by_port.values())  # each node exports exactly its own worker
+    for (port, worker, name), value in seen.items():
+        if name == "ray_paco_images_per_s":
+            assert value > 0
+        elif name.startswith("ray_paco_val_"):
+            assert 0 <= value <= 100
+        elif name == "ray_paco_lr":
+            assert 0 <= value <= 0.1
+        elif name == "ray_paco_queue_fill":
+            assert 0 < value <= 1
+    assert {name for (_, _, name) in seen} >= {"ray_paco_images_per_s", "ray_paco_train_loss", "ray_paco_lr",
+                                               "ray_paco_queue_fill", "ray_paco_epoch", "ray_paco_val_top1",
+                                               "ray_paco_val_balanced_acc"}
+
+    # the dashboard's REST API lists the training job
+    jobs = two_nodes.rest("/api/jobs/")
+    assert any(j["type"] == "DRIVER" and "paco_ray.train" in (j.get("entrypoint") or "")
+               and j["status"] == "SUCCEEDED" for j in jobs)
+
+    # checkpoints in the shared storage path; the same seed on one node gives the same model
+    assert len([p for p in (shared / "two-nodes").glob("checkpoint_*") if p.is_dir()]) == 2
+    assert train_cli.main(run_args(easy_dataset, shared, "one-node", "--set", "cpus_per_worker=0.5")) == 0
+    capsys.readouterr()
+    two, one = final_state(shared, "two-nodes"), final_state(shared, "one-node")
+    assert two["epoch"] == one["epoch"] == 6
+    for key, tensor in one["model"].items():
+        assert torch.equal(tensor, two["model"][key]), key
+    assert two["metrics"]["val_balanced_acc"] == one["metrics"]["val_balanced_acc"]
+    assert two["metrics"]["train_loss"] == one["metrics"]["train_loss"]
+    per_node = {p: v for (p, _, n), v in seen.items() if n == "ray_paco_images_per_s"}
+    print(f"\ntwo nodes: {per_node} img/s per node (last epoch gauge); epoch time two-node "
+          f"{two['metrics']['epoch_time_s']:.2f} s vs one-node {one['metrics']['epoch_time_s']:.2f} s")
