@@ -43,33 +43,41 @@ def paco_loss(
     Positives: the center of y_i with weight ``beta``, every contrast feature labelled y_i with
     weight ``alpha``. Denominator weights: 1 for centers, ``gamma`` for features.
 
-    Only one (B, 2B+K) logit matrix is built: the positive terms are gathered through per-class
-    sums of the contrast features instead of a (B, 2B+K) positive mask.
+    No (B, 2B+K) mask and no concatenated logit matrix: the denominator combines the logsumexps
+    of three blocks (q·q, q·k, q·queue), so the queue block's backward computes no gradient for the
+    queue; the positive terms come from per-class sums of the contrast features.
     """
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q, k, queue = q.float(), k.float(), queue.float()
+        q, k, queue = q.float(), k.float(), queue.float().detach()
         center = center_logits.float() + log_prior.float()
         batch, num_classes = center.shape
-        contrast = torch.cat([q, k, queue.detach()], dim=0)                      # (N, D)
-        contrast_labels = torch.cat([labels, labels, queue_labels])              # (N,)
-        valid = contrast_labels >= 0
-        safe_labels = contrast_labels.clamp(min=0)
+        q_scaled = q / temperature
+        queue_valid = queue_labels >= 0
 
         # Denominator: logsumexp over centers (weight 1) and features (weight gamma), q_i excluded.
         log_den = torch.logsumexp(center, dim=1)
         if gamma > 0:
-            feature_logits = q @ contrast.T / temperature                        # (B, N), the only one
-            feature_logits.masked_fill_(~valid, float("-inf"))
-            feature_logits[:, :batch].diagonal().fill_(float("-inf"))
-            feature_lse = torch.logsumexp(feature_logits, dim=1)
+            self_logits = q_scaled @ q.T                                          # (B, B)
+            self_logits.diagonal().fill_(float("-inf"))
+            queue_logits = q_scaled @ queue.T                                     # (B, K), the large one
+            # Empty slots exist only while the queue fills; on CPU checking costs nothing, on GPU it
+            # would synchronise, so there the mask is always applied.
+            if q.device.type != "cpu" or not bool(queue_valid.all()):
+                queue_logits = queue_logits.masked_fill(~queue_valid, float("-inf"))
+            feature_lse = torch.logsumexp(torch.stack([
+                torch.logsumexp(self_logits, dim=1), torch.logsumexp(q_scaled @ k.T, dim=1),
+                torch.logsumexp(queue_logits, dim=1)]), dim=0)
             log_den = torch.logaddexp(log_den, feature_lse + math.log(gamma))
 
         # Numerator: beta * center logit of y_i + alpha * sum of logits of same-label features.
         positive_center = center.gather(1, labels.unsqueeze(1)).squeeze(1)
-        class_sums = torch.zeros(num_classes, q.shape[1], dtype=q.dtype, device=q.device)
-        class_sums = class_sums.index_add(0, safe_labels, contrast * valid.unsqueeze(1))
-        class_counts = torch.bincount(safe_labels, weights=valid.to(q.dtype), minlength=num_classes)
-        same_label_logit_sum = ((q * class_sums[labels]).sum(1) - (q * q).sum(1)) / temperature
+        slot_class = torch.where(queue_valid, queue_labels, num_classes)          # empty slots -> extra row
+        queue_sums = torch.zeros(num_classes + 1, q.shape[1], dtype=q.dtype, device=q.device)
+        queue_sums = queue_sums.index_add(0, slot_class, queue)[:num_classes]
+        batch_sums = torch.zeros(num_classes, q.shape[1], dtype=q.dtype, device=q.device).index_add(0, labels, q + k)
+        class_counts = (torch.bincount(slot_class, minlength=num_classes + 1)[:num_classes]
+                        + 2 * torch.bincount(labels, minlength=num_classes)).to(q.dtype)
+        same_label_logit_sum = (q_scaled * (queue_sums + batch_sums)[labels]).sum(1) - (q_scaled * q).sum(1)
         positive_count = class_counts[labels] - 1.0                               # q_i itself excluded
 
         weight_total = beta + alpha * positive_count

@@ -1,0 +1,110 @@
+"""One full training step of PaCo (and GPaCo, Balanced Softmax) vs cross-entropy: same backbone,
+same batch, same optimizer. A PaCo step is: query encoder forward, momentum update of the key
+encoder (torch._foreach), key encoder forward, enqueue, loss, backward, SGD step.
+
+python benchmarks/step.py [--repeats 15] [--device cpu|cuda] [--threads N]
+
+Times are medians over --repeats steps after warm-up, the losses interleaved step by step. The
+share of the key encoder's forward pass is measured on its own for scale.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from paco_ray.config import load_config  # noqa: E402
+from paco_ray.train import build_model, compute_loss  # noqa: E402
+
+SETUPS = {  # name -> (backbone, channels, image size, classes, batch, proj_dim, queue)
+    "fashion_mnist_lt resnet_small28": ("resnet_small28", 1, 28, 10, 128, 64, 1024),
+    "cifar100_lt resnet32": ("resnet32", 3, 32, 100, 128, 32, 1024),
+}
+LOSSES = ("ce", "balanced_softmax", "paco", "gpaco")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_step(loss, backbone, channels, size, classes, batch, proj_dim, queue, device):
+    cfg = load_config(None, [f"loss={loss}", f"model.backbone={backbone}", f"model.proj_dim={proj_dim}",
+                             f"paco.queue_size={queue}", "paco.alpha=0.05"])
+    torch.manual_seed(0)
+    model = build_model(cfg, classes, channels).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    x_q = torch.randn(batch, channels, size, size, generator=g).to(device)
+    x_k = torch.randn(batch, channels, size, size, generator=g).to(device)
+    labels = torch.randint(0, classes, (batch,), generator=g).to(device)
+    log_prior = torch.log(torch.linspace(1, 0.01, classes)).to(device)
+    log_prior -= log_prior.logsumexp(0)
+    use_amp = device.type == "cuda"
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = model(x_q, x_k if cfg.contrastive else None, labels)
+            value = compute_loss(cfg, out, labels, log_prior)
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+
+    def key_forward():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            model.key_projector(model.key_encoder(x_k))
+
+    return step, (key_forward if loss == "paco" else None)
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    print(f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{args.threads} threads'})")
+    headline = None
+    for name, setup in SETUPS.items():
+        steps = {loss: make_step(loss, *setup, device) for loss in LOSSES}
+        for _ in range(3):  # warm-up (and fill the queue)
+            for step, _ in steps.values():
+                step()
+        times = {loss: [] for loss in LOSSES}
+        key_times = []
+        for _ in range(args.repeats):
+            for loss, (step, key_forward) in steps.items():
+                times[loss].append(timed(step, device))
+                if key_forward is not None:
+                    key_times.append(timed(key_forward, device))
+        median = {loss: statistics.median(t) for loss, t in times.items()}
+        print(f"{name} batch {setup[4]}:")
+        for loss in LOSSES:
+            print(f"{name} {loss} step ms: {1000 * median[loss]:.1f}")
+        print(f"{name} key encoder forward ms: {1000 * statistics.median(key_times):.1f} "
+              f"({statistics.median(key_times) / median['paco']:.0%} of the PaCo step)")
+        for loss in ("balanced_softmax", "gpaco", "paco"):
+            print(f"{name} {loss} / ce: {median[loss] / median['ce']:.2f}x")
+        headline = headline or median["paco"] / median["ce"]
+    print(f"PaCo step / CE step, {next(iter(SETUPS))} (goal <= 1.4x): {headline:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
