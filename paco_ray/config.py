@@ -91,6 +91,7 @@ class TrainConfig:
     name: str = ""  # empty: derived from dataset, loss and seed
     keep_checkpoints: int = 2
     max_failures: int = 0
+    skip_nonfinite: bool = False  # skip a step whose loss is NaN/Inf (default: stop with an error naming it)
     placement_strategy: str = "PACK"  # of the workers over nodes: PACK | SPREAD | STRICT_SPREAD | STRICT_PACK
     log_level: str = "WARNING"  # Ray Train's own log lines; progress is printed by rank 0
     data: DataConfig = field(default_factory=DataConfig)

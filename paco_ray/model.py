@@ -43,9 +43,10 @@ class KeyQueue(nn.Module):
         keys, labels = all_gather_cat(keys.detach()), all_gather_cat(labels)
         if keys.shape[0] > self.size:
             keys, labels = keys[-self.size:], labels[-self.size:]
+        finite = torch.isfinite(keys).all(dim=1)  # a non-finite key is stored as an empty slot
         slots = (self.ptr + torch.arange(keys.shape[0], device=self.ptr.device)) % self.size
-        self.keys[slots] = keys.to(self.keys.dtype)
-        self.labels[slots] = labels
+        self.keys[slots] = torch.where(finite.unsqueeze(1), keys, 0.0).to(self.keys.dtype)
+        self.labels[slots] = torch.where(finite, labels, -1)
         self.ptr.copy_((self.ptr + keys.shape[0]) % self.size)
 
     def filled(self) -> torch.Tensor:

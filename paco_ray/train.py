@@ -199,7 +199,7 @@ def train(cfg: TrainConfig, session) -> None:
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         seen = torch.zeros(data.size("train"), dtype=torch.int32, device=device)
-        steps = local_images = 0
+        steps = local_images = skipped = 0
         for x_q, x_k, labels, index in loaders.train(epoch):
             x_q, labels = loaders.normalize(x_q), labels.to(device, non_blocking=True)
             x_k = loaders.normalize(x_k) if cfg.contrastive else None
@@ -207,6 +207,15 @@ def train(cfg: TrainConfig, session) -> None:
                 out = model(x_q, x_k, labels)
                 loss = compute_loss(cfg, out, labels, log_prior)
             optimizer.zero_grad(set_to_none=True)
+            # every rank takes the same decision, or DDP would wait forever in backward
+            if all_reduce_sum((~torch.isfinite(loss.detach())).to(torch.int32)).item() > 0:
+                where = f"epoch {epoch + 1}, step {steps + 1} (global step {epoch * steps_per_epoch + steps + 1})"
+                if not cfg.skip_nonfinite:
+                    raise FloatingPointError(f"non-finite loss ({loss.item()}) at {where}; "
+                                             "set skip_nonfinite: true to skip such steps")
+                sys.stderr.write(f"warning: skipped a step with a non-finite loss at {where}\n")
+                skipped += 1
+                continue
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -215,9 +224,9 @@ def train(cfg: TrainConfig, session) -> None:
             seen[index.to(device)] += 1
             steps += 1
             local_images += labels.numel()
-        epoch_loss = all_reduce_sum(loss_sum / max(steps, 1)).item() / world_size
-        if not math.isfinite(epoch_loss):
-            raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1} ({epoch_loss})")
+        if steps == 0:
+            raise FloatingPointError(f"every step of epoch {epoch + 1} had a non-finite loss ({skipped} skipped)")
+        epoch_loss = all_reduce_sum(loss_sum / steps).item() / world_size
         seen = all_reduce_sum(seen)
         elapsed = time.perf_counter() - started
 
@@ -233,6 +242,7 @@ def train(cfg: TrainConfig, session) -> None:
             "epoch_time_s": elapsed,
             "train_samples": int((seen > 0).sum().item()),
             "train_duplicate_samples": int((seen > 1).sum().item()),
+            "skipped_steps": skipped,
             **{f"val_{k}": v for k, v in val.items()},
         }
         if cfg.contrastive:

@@ -123,3 +123,50 @@ def test_evaluate_names_a_missing_split_and_defaults_to_the_present_ones(tiny_co
     assert evaluate_cli.main([checkpoint, "--split", "test"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: --split test: {no_test} has no test split"
+
+
+def poison_step(monkeypatch, bad_steps):
+    """Make compute_loss return NaN on the given (1-based) calls: a numerical fault mid-epoch."""
+    import paco_ray.train as train_module
+
+    real, calls = train_module.compute_loss, {"n": 0}
+
+    def faulty(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in bad_steps else loss
+
+    monkeypatch.setattr(train_module, "compute_loss", faulty)
+
+
+def test_a_nan_loss_stops_training_naming_the_step(tiny_config, tmp_path, monkeypatch):
+    poison_step(monkeypatch, {3})
+    session = LocalSession(tmp_path / "out")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at epoch 1, step 3 \(global step 3\); "
+                                                 r"set skip_nonfinite: true"):
+        train(tiny_config("loss=paco"), session)
+    assert session.reports == []  # nothing trained on after the fault was reported
+
+
+def test_skip_nonfinite_skips_the_step_and_keeps_training(tiny_config, tmp_path, monkeypatch, capsys):
+    poison_step(monkeypatch, {2, 5})
+    session = LocalSession(tmp_path / "out")
+    train(tiny_config("loss=paco", "skip_nonfinite=true"), session)
+    first, second = session.reports
+    steps = len_train(tiny_config()) // 16
+    assert first["skipped_steps"] + second["skipped_steps"] == 2
+    assert first["train_samples"] == (steps - first["skipped_steps"]) * 16
+    assert math.isfinite(second["train_loss"])
+    state = load_state(second["checkpoint_path"])
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert "skipped a step with a non-finite loss at epoch 1, step 2" in capsys.readouterr().err
+
+
+def test_queue_stores_non_finite_keys_as_empty_slots():
+    from paco_ray.model import KeyQueue
+
+    queue = KeyQueue(4, 2)
+    keys = torch.tensor([[1.0, 0.0], [float("nan"), 0.0], [0.0, float("inf")]])
+    queue.enqueue(keys, torch.tensor([3, 4, 5]))
+    assert queue.labels.tolist() == [3, -1, -1, -1] and torch.isfinite(queue.keys).all()
+    assert queue.ptr.item() == 3
