@@ -91,6 +91,7 @@ class TrainConfig:
     name: str = ""  # empty: derived from dataset, loss and seed
     keep_checkpoints: int = 2
     max_failures: int = 0
+    resume_override: bool = False  # resume from a checkpoint whose training settings differ from these
     skip_nonfinite: bool = False  # skip a step whose loss is NaN/Inf (default: stop with an error naming it)
     placement_strategy: str = "PACK"  # of the workers over nodes: PACK | SPREAD | STRICT_SPREAD | STRICT_PACK
     log_level: str = "WARNING"  # Ray Train's own log lines; progress is printed by rank 0
@@ -225,6 +226,32 @@ def validate(cfg: TrainConfig) -> None:
     _check(o.momentum > 0 or not o.nesterov, "optim.nesterov", "needs optim.momentum > 0", o.nesterov)
     _check(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", "must be in [0, optim.epochs)",
            o.warmup_epochs)
+
+
+# What may change between a checkpoint and the run that resumes from it: resources, I/O, logging.
+RESUME_MAY_CHANGE = {"workers", "cpus_per_worker", "use_gpu", "amp", "amp_dtype", "storage_path", "name",
+                     "keep_checkpoints", "max_failures", "log_level", "placement_strategy", "skip_nonfinite",
+                     "resume_override", "data.num_workers", "data.eval_batch_size", "data.cache_dir"}
+
+
+def resume_conflict(saved: dict[str, Any], cfg: TrainConfig) -> str | None:
+    """The first training setting in which ``cfg`` differs from a checkpoint's config, as
+    ``key (checkpoint value vs this run's)``; None when resuming would continue the same run."""
+    theirs, mine = _flatten(TrainConfig.from_dict(saved).to_dict()), _flatten(cfg.to_dict())
+    for key in mine:
+        if key not in RESUME_MAY_CHANGE and theirs[key] != mine[key]:
+            return f"{key} ({theirs[key]!r} in the checkpoint vs {mine[key]!r})"
+    return None
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointError, load_state, rng_states, save_state, set_rng_states
-from .config import ConfigError, TrainConfig, load_config
+from .config import ConfigError, TrainConfig, load_config, resume_conflict
 from .data.loaders import build_loaders
 from .data.prepared import DatasetError, PreparedDataset, resolve_dataset
 from .evaluate import evaluate_checkpoint, format_table, metrics_from_counts, per_class_counts
@@ -177,10 +177,16 @@ def train(cfg: TrainConfig, session) -> None:
     amp_dtype = getattr(torch, cfg.amp_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
 
-    tensorboard, ray_metrics = session.telemetry()
     start_epoch = 0
     state = session.load_checkpoint()
     if state is not None:
+        try:
+            conflict = resume_conflict(state["config"], cfg)
+        except ConfigError as err:
+            raise CheckpointError(f"checkpoint config is not valid here: {err}") from None
+        if conflict and not cfg.resume_override:
+            raise CheckpointError(f"checkpoint was trained with other settings: {conflict}; "
+                                  "set resume_override: true to resume from it anyway")
         try:
             unwrap(model).load_state_dict(state["model"])
         except RuntimeError as err:
@@ -192,6 +198,7 @@ def train(cfg: TrainConfig, session) -> None:
         scaler.load_state_dict(state["scaler"])
         set_rng_states(state["rng"])
         start_epoch = state["epoch"]
+    tensorboard, ray_metrics = session.telemetry()
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         # ---- train one epoch

@@ -97,8 +97,27 @@ def test_resume_refuses_a_broken_checkpoint(tiny_config, tmp_path):
 def test_resume_refuses_a_checkpoint_of_another_model(tiny_config, tmp_path):
     first = LocalSession(tmp_path / "a")
     train(tiny_config("optim.epochs=1", "optim.warmup_epochs=0", "model.proj_dim=8"), first)
+    checkpoint = first.reports[-1]["checkpoint_path"]
+    with pytest.raises(CheckpointError, match=r"trained with other settings: model.proj_dim \(8 in the checkpoint vs 16\); "
+                                              r"set resume_override: true"):
+        train(tiny_config("model.proj_dim=16"), LocalSession(tmp_path / "b", resume_from=checkpoint))
     with pytest.raises(CheckpointError, match=r"does not fit this model \(resnet_small28, 10 classes\).*size mismatch"):
-        train(tiny_config("model.proj_dim=16"), LocalSession(tmp_path / "b", resume_from=first.reports[-1]["checkpoint_path"]))
+        train(tiny_config("model.proj_dim=16", "resume_override=true"), LocalSession(tmp_path / "b", resume_from=checkpoint))
+
+
+def test_resume_refuses_other_training_settings_but_not_other_resources(tiny_config, tmp_path):
+    first = LocalSession(tmp_path / "a")
+    train(tiny_config("optim.epochs=2"), first)
+    checkpoint = first.reports[0]["checkpoint_path"]  # after epoch 1
+    with pytest.raises(CheckpointError, match=r"paco.alpha \(0.005 in the checkpoint vs 0.01\)"):
+        train(tiny_config("optim.epochs=2", "paco.alpha=0.01"), LocalSession(tmp_path / "b", resume_from=checkpoint))
+    assert not (tmp_path / "b").exists()  # refused before anything was written
+    resumed = LocalSession(tmp_path / "c", resume_from=checkpoint)  # other resources and logging: fine
+    train(tiny_config("optim.epochs=2", "cpus_per_worker=2", "log_level=INFO", "data.eval_batch_size=7"), resumed)
+    assert [r["epoch"] for r in resumed.reports] == [2]
+    overridden = LocalSession(tmp_path / "d", resume_from=checkpoint)
+    train(tiny_config("optim.epochs=2", "paco.alpha=0.01", "resume_override=true"), overridden)
+    assert [r["epoch"] for r in overridden.reports] == [2]
 
 
 def test_evaluate_names_a_missing_split_and_defaults_to_the_present_ones(tiny_config, tiny_dataset, tmp_path, capsys):
