@@ -237,18 +237,19 @@ RESUME_MAY_CHANGE = {"workers", "cpus_per_worker", "use_gpu", "amp", "amp_dtype"
 def resume_conflict(saved: dict[str, Any], cfg: TrainConfig) -> str | None:
     """The first training setting in which ``cfg`` differs from a checkpoint's config, as
     ``key (checkpoint value vs this run's)``; None when resuming would continue the same run."""
-    theirs, mine = _flatten(TrainConfig.from_dict(saved).to_dict()), _flatten(cfg.to_dict())
+    theirs, mine = flatten(TrainConfig.from_dict(saved).to_dict()), flatten(cfg.to_dict())
     for key in mine:
         if key not in RESUME_MAY_CHANGE and theirs[key] != mine[key]:
             return f"{key} ({theirs[key]!r} in the checkpoint vs {mine[key]!r})"
     return None
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"dotted.key": value}``."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[prefix + key] = value
     return out

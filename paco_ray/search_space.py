@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from .config import _NUMBER, ConfigError, TrainConfig, _absolute_storage, apply_overrides
+from .config import _NUMBER, ConfigError, TrainConfig, _absolute_storage, apply_overrides, flatten
 
 # primitive -> number of arguments (None: a non-empty list of values)
 PRIMITIVES = {"uniform": 2, "quniform": 3, "loguniform": 2, "qloguniform": 3,
@@ -121,16 +121,6 @@ class SearchSpace:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -23,10 +23,10 @@ from typing import Any
 import yaml
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, flatten
 from .data.prepared import DatasetError, PreparedDataset, resolve_dataset
 from .evaluate import evaluate_checkpoint, format_table
-from .search_space import SearchSpace, flatten, load_space, param_space, parse, resolve_trials
+from .search_space import SearchSpace, load_space, param_space, parse, resolve_trials
 
 SNAPSHOT = "search_space.yaml"
 BEST_CONFIG = "best_config.yaml"
