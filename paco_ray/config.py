@@ -278,21 +278,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping (safe loader); ``what`` names the file in one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{what} {str(path)!r}{where}: invalid YAML") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {str(path)!r}: expected a mapping at top level")
+    return raw
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Load a YAML file (or the embedded default when ``path`` is None) plus overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file {str(path)!r}{where}: invalid YAML") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r}: expected a mapping at top level")
+    raw = read_yaml_mapping(path, "config file") if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
     cfg = TrainConfig.from_dict(raw)
     cfg.storage_path = _absolute_storage(cfg.storage_path)

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from .config import _NUMBER, ConfigError, TrainConfig, _absolute_storage, apply_overrides, flatten
+from .config import (_NUMBER, ConfigError, TrainConfig, _absolute_storage, _coerce, apply_overrides, flatten,
+                     read_yaml_mapping)
 
 # primitive -> number of arguments (None: a non-empty list of values)
 PRIMITIVES = {"uniform": 2, "quniform": 3, "loguniform": 2, "qloguniform": 3,
@@ -173,18 +173,8 @@ def _build_section(cls: type, raw: Any, key: str) -> Any:
         if name not in names:
             close = difflib.get_close_matches(str(name), names, n=1)
             raise ConfigError(f"unknown key {key}.{name}" + (f" (did you mean {key}.{close[0]}?)" if close else ""))
-        values[name] = _scalar(value, hints[name], f"{key}.{name}")
+        values[name] = _coerce(value, hints[name], f"{key}.{name}")
     return cls(**values)
-
-
-def _scalar(value: Any, kind: type, key: str) -> Any:
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind in (bool, str) and isinstance(value, kind):
-        return value
-    raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
 
 
 def _primitive(key: str, spec: dict[str, Any]) -> tuple[str, Any]:
@@ -275,13 +265,13 @@ def parse(raw: Any, source: str = "search space") -> SearchSpace:
     space = SearchSpace(
         base=base, search=search,
         scheduler=_build_section(Scheduler, raw.get("scheduler"), "scheduler"),
-        num_samples=_scalar(raw.get("num_samples", 8), int, "num_samples"),
-        max_concurrent_trials=_scalar(raw.get("max_concurrent_trials", 0), int, "max_concurrent_trials"),
+        num_samples=_coerce(raw.get("num_samples", 8), int, "num_samples"),
+        max_concurrent_trials=_coerce(raw.get("max_concurrent_trials", 0), int, "max_concurrent_trials"),
         resources=_build_section(Resources, raw.get("resources"), "resources"),
         checkpoints=_build_section(Checkpoints, raw.get("checkpoints"), "checkpoints"),
-        storage_path=_scalar(raw.get("storage_path", "runs/tune"), str, "storage_path"),
-        name=_scalar(raw.get("name", ""), str, "name"),
-        search_seed=_scalar(raw.get("search_seed", 0), int, "search_seed"),
+        storage_path=_coerce(raw.get("storage_path", "runs/tune"), str, "storage_path"),
+        name=_coerce(raw.get("name", ""), str, "name"),
+        search_seed=_coerce(raw.get("search_seed", 0), int, "search_seed"),
     )
     _validate(space, base_cfg)
     return space
@@ -350,15 +340,7 @@ def _validate(space: SearchSpace, base_cfg: TrainConfig) -> None:
 def load_space(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
     """Read and validate a search-space YAML file plus ``key=value`` overrides."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search space {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise ConfigError(f"search space {str(path)!r}{f' line {mark.line + 1}' if mark else ''}: invalid YAML") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"search space {str(path)!r}: expected a mapping at top level")
+    raw = read_yaml_mapping(path, "search space")
     raw.setdefault("name", path.stem)
     return parse(apply_overrides(raw, overrides or []), str(path))
 
