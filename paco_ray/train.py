@@ -25,6 +25,7 @@ from .config import ConfigError, TrainConfig, load_config, resume_conflict
 from .data.loaders import build_loaders
 from .data.prepared import DatasetError, PreparedDataset, resolve_dataset
 from .evaluate import evaluate_checkpoint, format_table, metrics_from_counts, per_class_counts
+from .faults import KillPlan
 from .losses import balanced_softmax, cross_entropy, paco_loss
 from .model import PaCoModel
 from .telemetry import RayMetrics, TensorBoard
@@ -146,8 +147,9 @@ class RaySession:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(cfg: TrainConfig, session) -> None:
-    """Train ``cfg`` on this worker; every epoch report validation metrics and the full state."""
+def train(cfg: TrainConfig, session, kill_plan: KillPlan | None = None) -> None:
+    """Train ``cfg`` on this worker; every epoch report validation metrics and the full state.
+    ``kill_plan`` is a fault-injection drill (paco_ray.faults): this worker may SIGKILL itself once."""
     rank, world_size, device = session.rank, session.world_size, session.device
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
@@ -208,6 +210,8 @@ def train(cfg: TrainConfig, session) -> None:
         seen = torch.zeros(data.size("train"), dtype=torch.int32, device=device)
         steps = local_images = skipped = 0
         for x_q, x_k, labels, index in loaders.train(epoch):
+            if kill_plan is not None:
+                kill_plan.maybe_kill(rank, epoch * steps_per_epoch + steps + skipped + 1)
             x_q, labels = loaders.normalize(x_q), labels.to(device, non_blocking=True)
             x_k = loaders.normalize(x_k) if cfg.contrastive else None
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
@@ -216,7 +220,8 @@ def train(cfg: TrainConfig, session) -> None:
             optimizer.zero_grad(set_to_none=True)
             # every rank takes the same decision, or DDP would wait forever in backward
             if all_reduce_sum((~torch.isfinite(loss.detach())).to(torch.int32)).item() > 0:
-                where = f"epoch {epoch + 1}, step {steps + 1} (global step {epoch * steps_per_epoch + steps + 1})"
+                step = steps + skipped + 1
+                where = f"epoch {epoch + 1}, step {step} (global step {epoch * steps_per_epoch + step})"
                 if not cfg.skip_nonfinite:
                     raise FloatingPointError(f"non-finite loss ({loss.item()}) at {where}; "
                                              "set skip_nonfinite: true to skip such steps")
@@ -285,14 +290,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = TrainConfig.from_dict(config)
     # Ray Train logs every report at INFO through a logger outside ray.train; obey log_level
     logging.getLogger().setLevel(cfg.log_level)
-    train(cfg, RaySession())
+    train(cfg, RaySession(), KillPlan.from_env(os.environ))
 
 
 # ----------------------------------------------------------------------------- launching
 
 
 def fit(cfg: TrainConfig):
-    """Run ``cfg`` as a Ray Train TorchTrainer (connects to or starts Ray); return the Result.
+    """Run ``cfg`` as a Ray Train TorchTrainer (connects to or starts Ray); return the Result, or
+    raise ``ray.train.TrainingFailedError`` once ``max_failures`` restarts are used up.
 
     Re-running with the same ``storage_path`` and ``name`` resumes from the last checkpoint.
     """
@@ -301,6 +307,7 @@ def fit(cfg: TrainConfig):
 
     cfg.data.path = str(resolve_dataset(cfg.data))  # prepare once here, not in every worker
     PreparedDataset.open(cfg.data.path)  # a bad dataset fails here in one line, not in every worker
+    kill_plan = KillPlan.from_env(os.environ)  # a fault-injection drill travels to the workers
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
@@ -311,7 +318,8 @@ def fit(cfg: TrainConfig):
                                                          checkpoint_score_attribute="val_balanced_acc",
                                                          checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            logging_config=ray.train.LoggingConfig(log_level=cfg.log_level)),
+            logging_config=ray.train.LoggingConfig(log_level=cfg.log_level),
+            worker_runtime_env={"env_vars": kill_plan.env()} if kill_plan else None),
     )
     return trainer.fit()
 
@@ -347,6 +355,30 @@ def check_fits_cluster(cfg: TrainConfig) -> None:
             raise ConfigError(f"workers: {cfg.workers} workers x {per_worker:g} {name} exceed the cluster's {have:g} {name}")
 
 
+INPUT_ERRORS = (ConfigError, CheckpointError, DatasetError)
+
+
+def failure_line(error: BaseException) -> str:
+    """One line for a failed run: the worker that caused it and its own error, not the traceback
+    Ray wraps around every worker's (a lost worker first: the others then fail in collectives)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if not failures:
+        cause = getattr(error, "controller_failure", error)
+        return f"{type(cause).__name__}: {_first_line(cause)}"
+    died = sorted(rank for rank, err in failures.items() if type(err).__name__ in WORKER_DEATHS)
+    if died:
+        return f"worker {died[0]} died (its process exited or stopped answering health checks)"
+    rank, cause = min(failures.items())
+    return f"worker {rank}: {type(cause).__name__}: {_first_line(cause)}"
+
+
+WORKER_DEATHS = ("WorkerHealthCheckFailedError", "ActorDiedError", "ActorUnavailableError", "RayActorError")
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), "no message")
+
+
 def best_checkpoint(result) -> str:
     """Path of the reported checkpoint with the highest validation balanced accuracy."""
     candidates = result.best_checkpoints or []
@@ -377,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import ray
+    import ray.train
 
     started = time.perf_counter()
     if not ray.is_initialized():
@@ -384,14 +417,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_fits_cluster(cfg)
         result = fit(cfg)
-        if result.error is not None:
-            print(f"error: training failed: {result.error}", file=sys.stderr)
-            return 1
         path = best_checkpoint(result)
         table, _ = evaluate_checkpoint(path)
     except (ConfigError, CheckpointError, DatasetError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ray.train.TrainingFailedError as err:
+        print(f"error: training failed (max_failures: {cfg.max_failures}): {failure_line(err)}", file=sys.stderr)
+        bad_input = any(isinstance(e, INPUT_ERRORS) for e in getattr(err, "worker_failures", {}).values())
+        return 2 if bad_input else 1
     print(f"\n{cfg.run_name}: loss={cfg.loss}, {cfg.optim.epochs} epochs, {cfg.workers} workers, "
           f"{time.perf_counter() - started:.0f} s")
     print(f"best checkpoint (val balanced accuracy): {path}")

@@ -63,9 +63,7 @@ def run_trial(config: dict[str, Any], space: dict[str, Any]) -> None:
             logging_config=ray.train.LoggingConfig(log_level=cfg.log_level),
             callbacks=[TuneReportCallback()]),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    trainer.fit()  # raises ray.train.TrainingFailedError: Tune marks the trial as errored
 
 
 # ----------------------------------------------------------------------------- storage
@@ -309,6 +307,7 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
 
 def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
     import ray
+    import ray.train
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
@@ -395,14 +394,15 @@ def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
 
     if then_train:
         from .train import best_checkpoint as train_best_checkpoint
-        from .train import fit
+        from .train import failure_line, fit
 
         cfg = scale_to_cluster(best_cfg, ray.cluster_resources())
         print(f"\nretraining the best config for {cfg.optim.epochs} epochs on {cfg.workers} workers "
               f"(global batch {cfg.data.batch_size}, lr {cfg.optim.lr:g})", flush=True)
-        result = fit(cfg)
-        if result.error is not None:
-            print(f"error: retraining failed: {result.error}", file=sys.stderr)
+        try:
+            result = fit(cfg)
+        except ray.train.TrainingFailedError as err:
+            print(f"error: retraining failed: {failure_line(err)}", file=sys.stderr)
             return 1
         final = train_best_checkpoint(result)
         table, _ = evaluate_checkpoint(final)
