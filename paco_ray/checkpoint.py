@@ -19,14 +19,38 @@ class CheckpointError(ValueError):
 
 
 def save_state(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``directory/state.pt`` through a temporary file and an atomic rename."""
+    """Write ``state`` to ``directory/state.pt`` atomically: into a temporary file, flushed to disk,
+    then renamed over the old one. A crash at any point leaves the old file or the new one, whole."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / STATE_FILE
+    for stale in directory.glob(f".{STATE_FILE}.tmp-*"):  # left by a writer that was killed
+        stale.unlink(missing_ok=True)
     tmp = directory / f".{STATE_FILE}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(directory)  # the rename itself survives a power loss
     return final
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -183,6 +183,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.placement_strategy in PLACEMENTS, "placement_strategy", f"must be one of {', '.join(PLACEMENTS)}",
            cfg.placement_strategy)
     _check(bool(cfg.storage_path), "storage_path", "must not be empty", cfg.storage_path)
+    check_no_credentials("storage_path", cfg.storage_path)
     _check("/" not in cfg.name, "name", "must not contain '/'", cfg.name)
 
     d = cfg.data
@@ -306,5 +307,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def _absolute_storage(path: str) -> str:
-    """Ray needs absolute storage paths; URIs (s3://, gs://) pass through."""
+    """Ray needs absolute storage paths; URIs (s3://, gs://) pass through, without credentials."""
+    check_no_credentials("storage_path", path)
     return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def check_no_credentials(key: str, uri: str) -> None:
+    """Refuse ``scheme://user:secret@host/...``: checkpoints, logs and Tune's files record the
+    value. The message does not echo it."""
+    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+        raise ConfigError(f"{key}: a {uri.split('://', 1)[0]}:// URI must not carry credentials (user:secret@); "
+                          "give them through the environment or the machine's role instead")

@@ -147,6 +147,9 @@ class RaySession:
 # ----------------------------------------------------------------------------- the loop
 
 
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng")  # beyond what every checkpoint has
+
+
 def train(cfg: TrainConfig, session, kill_plan: KillPlan | None = None) -> None:
     """Train ``cfg`` on this worker; every epoch report validation metrics and the full state.
     ``kill_plan`` is a fault-injection drill (paco_ray.faults): this worker may SIGKILL itself once."""
@@ -189,6 +192,13 @@ def train(cfg: TrainConfig, session, kill_plan: KillPlan | None = None) -> None:
         if conflict and not cfg.resume_override:
             raise CheckpointError(f"checkpoint was trained with other settings: {conflict}; "
                                   "set resume_override: true to resume from it anyway")
+        missing = [key for key in RESUME_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(f"checkpoint lacks {', '.join(missing)}, needed to resume training")
+        saved_classes = len(state["classes"].get("names", ()))
+        if saved_classes != classes.num_classes:
+            raise CheckpointError(f"checkpoint has {saved_classes} classes but the dataset {cfg.data.path} "
+                                  f"has {classes.num_classes}")
         try:
             unwrap(model).load_state_dict(state["model"])
         except RuntimeError as err:

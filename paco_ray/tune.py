@@ -318,7 +318,10 @@ def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
     if resume:
         if not _exists(fs, snapshot):
             raise ConfigError(f"--resume: no experiment at {space.experiment_path} (nothing to resume)")
-        stored = yaml.safe_load(_read_text(fs, snapshot))
+        try:
+            stored = yaml.safe_load(_read_text(fs, snapshot))
+        except yaml.YAMLError:
+            raise ConfigError(f"--resume: {space.experiment_path}/{SNAPSHOT} is not valid YAML") from None
         differs = _first_difference(stored, declared)
         if differs:
             raise ConfigError(f"--resume: {differs} differs from the experiment's {SNAPSHOT}; "

@@ -9,6 +9,7 @@ convention); the validation split takes the last --val-per-class training images
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 
@@ -33,6 +34,10 @@ def detect_variant(src: Path) -> str:
                             "(batches.meta + test_batch, or meta + test)")
 
 
+def _why(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}" if isinstance(err, pickle.UnpicklingError) else type(err).__name__
+
+
 def _read(src: Path, files: list[str], label_key: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     sources, labels, images = [], [], []
     for name in files:
@@ -43,7 +48,7 @@ def _read(src: Path, files: list[str], label_key: str) -> tuple[list[str], np.nd
             batch = load_cifar_batch(path)
             batch_images, batch_labels = cifar_images(batch), np.asarray(batch[label_key], dtype=np.int64)
         except Exception as err:
-            raise PipelineError(f"{path}: not a CIFAR python batch ({type(err).__name__})") from None
+            raise PipelineError(f"{path}: not a CIFAR python batch ({_why(err)})") from None
         if len(batch_images) != len(batch_labels):
             raise PipelineError(f"{path}: {len(batch_images)} images but {len(batch_labels)} labels")
         sources += [f"{path}#{i}" for i in range(len(batch_labels))]
@@ -57,7 +62,10 @@ def prepare(src: str | Path, out: str | Path, *, imbalance_factor: float = 100.0
     src = Path(src).resolve()
     variant = detect_variant(src)
     train_files, test_file, meta_file, label_key, names_key = LAYOUTS[variant]
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in load_cifar_batch(src / meta_file)[names_key]]
+    try:
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in load_cifar_batch(src / meta_file)[names_key]]
+    except Exception as err:
+        raise PipelineError(f"{src / meta_file}: not a CIFAR meta file ({_why(err)})") from None
     train_src, train_labels, train_images = _read(src, train_files, label_key)
     test_src, test_labels, test_images = _read(src, [test_file], label_key)
     for labels, part in ((train_labels, "train"), (test_labels, "test")):

@@ -1,5 +1,6 @@
 """Pipelines on small files in the real formats: manifests, LT counts, .beton round trips, bad input."""
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -94,12 +95,12 @@ def write_cifar(src, variant, per_class, rng):
     test_labels = np.repeat(np.arange(num_classes), 2)
     test = {b"data": rng.integers(0, 256, (len(test_labels), 3072), dtype=np.uint8), key.encode(): test_labels.tolist()}
     names = [f"class{c}".encode() for c in range(num_classes)]
-    if variant == "cifar10":
+    if variant == "cifar10":  # protocol 2, like the published files
         for i, part in enumerate(np.array_split(np.arange(len(labels)), 5), start=1):
             batch = {b"data": data[part], b"labels": labels[part].tolist(), b"batch_label": b"training"}
-            (src / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
-        (src / "test_batch").write_bytes(pickle.dumps(test))
-        (src / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+            (src / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=2))
+        (src / "test_batch").write_bytes(pickle.dumps(test, protocol=2))
+        (src / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
     else:
         (src / "train").write_bytes(pickle.dumps({b"data": data, b"fine_labels": labels.tolist()}))
         (src / "test").write_bytes(pickle.dumps(test))
@@ -141,6 +142,30 @@ def test_cifar_errors(tmp_path, capsys):
     assert cifar.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "o")]) == 2
     assert "train: not a CIFAR python batch" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+class RunsCode:
+    """A pickle that would create a file when unpickled: code execution, harmless here."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("file", ["train", "meta"])
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar_pickles_that_would_run_code_are_refused_unrun(file, protocol, tmp_path, capsys):
+    write_cifar(tmp_path / "src", "cifar100", 4, np.random.default_rng(0))
+    marker = tmp_path / "code-ran"
+    payload = {b"data": RunsCode(marker), b"fine_labels": [0]} if file == "train" else \
+        {b"fine_label_names": [RunsCode(marker)]}
+    (tmp_path / "src" / file).write_bytes(pickle.dumps(payload, protocol=protocol))
+    assert cifar.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"src/{file}: not a CIFAR" in err and "refused global " in err
+    assert not marker.exists() and not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------- txt lists

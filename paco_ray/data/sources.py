@@ -20,10 +20,31 @@ def _array_file(path: str) -> np.ndarray:
     return cifar_images(load_cifar_batch(path))
 
 
+# What a CIFAR python batch may reference: numpy arrays and dtypes, and bytes as pickled by Python 3
+# at protocol 2. Anything else (os.system, builtins.eval, ...) is refused before it is called.
+CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles the data of a CIFAR batch and nothing that could run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}: a CIFAR batch holds only arrays")
+        return super().find_class(module, name)
+
+
 def load_cifar_batch(path: str | Path) -> dict:
-    """A CIFAR-10/100 python batch (the user's own file: the one place paco_ray unpickles data)."""
+    """A CIFAR-10/100 python batch, through :class:`CifarUnpickler` (the one place paco_ray
+    unpickles; it only rebuilds arrays, bytes, lists and dicts)."""
     with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+        batch = CifarUnpickler(f, encoding="bytes").load()
+    if not isinstance(batch, dict):
+        raise pickle.UnpicklingError(f"expected a dict, got {type(batch).__name__}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
