@@ -3,6 +3,7 @@ killed mid-epoch is restarted from the last checkpoint and ends with the uninter
 import contextlib
 import hashlib
 import io
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -75,6 +76,11 @@ def test_two_worker_run_reports_metrics_and_checkpoints(uninterrupted, tiny_data
     assert metrics["train_duplicate_samples"] == 0
     assert metrics["train_samples"] == (n_train // BATCH) * BATCH
     assert 0 <= metrics["val_balanced_acc"] <= 100 and metrics["queue_fill"] > 0
+
+    # the cluster's auth token reaches no file of the run (checkpoints, TensorBoard, Ray's records)
+    token = (Path(os.environ["HOME"]) / ".ray" / "auth_token").read_bytes().strip()
+    assert len(token) >= 16 and token not in out.encode()
+    assert not [p for p in run_dir.rglob("*") if p.is_file() and token in p.read_bytes()]
 
     last = sorted(c for c in run_dir.glob("checkpoint_*") if c.is_dir())[-1]
     assert evaluate_cli.main([str(last), "--split", "test", "--per-class"]) == 0
