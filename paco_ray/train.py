@@ -366,6 +366,8 @@ def check_fits_cluster(cfg: TrainConfig) -> None:
 
 
 INPUT_ERRORS = (ConfigError, CheckpointError, DatasetError)
+# How Ray reports a worker whose process is gone (by name: some are internal to Ray Train)
+WORKER_DEATHS = ("WorkerHealthCheckFailedError", "ActorDiedError", "ActorUnavailableError", "RayActorError")
 
 
 def failure_line(error: BaseException) -> str:
@@ -380,9 +382,6 @@ def failure_line(error: BaseException) -> str:
         return f"worker {died[0]} died (its process exited or stopped answering health checks)"
     rank, cause = min(failures.items())
     return f"worker {rank}: {type(cause).__name__}: {_first_line(cause)}"
-
-
-WORKER_DEATHS = ("WorkerHealthCheckFailedError", "ActorDiedError", "ActorUnavailableError", "RayActorError")
 
 
 def _first_line(error: BaseException) -> str:
