@@ -11,10 +11,8 @@ CUDA: the allocator's max_memory_allocated).
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paco_ray.losses import paco_loss  # noqa: E402
+from timing import device_args, timed  # noqa: E402
 
 SIZES = {"imagenet_lt": dict(B=128, K=8192, C=1000, D=128), "cifar_lt": dict(B=64, K=1024, C=100, D=32)}
 HYPER = dict(alpha=0.05, beta=1.0, gamma=1.0, temperature=0.2)
@@ -64,16 +63,6 @@ def fwd_bwd(fn, inputs):
     return loss.detach(), q.grad, center.grad
 
 
-def timed(fn, inputs, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fwd_bwd(fn, inputs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def peak_mib(fn, inputs, device) -> float:
     """Peak memory allocated during one forward+backward, above what existed before it. CUDA: the
     caching allocator's statistics; CPU: the profiler's memory timeline (what export_memory_timeline uses)."""
@@ -99,14 +88,7 @@ def peak_mib(fn, inputs, device) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    print(f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{args.threads} threads'})")
+    args, device = device_args(__doc__.split("\n\n")[0], repeats=20)
     headline = None
     for name, size in SIZES.items():
         inputs = make_inputs(**size, device=device)
@@ -114,10 +96,10 @@ def main() -> None:
         diff = max((a - b).abs().max().item() for a, b in zip(ours, ref))
         times = {"paco_loss": [], "reference": []}
         for _ in range(2):  # warm-up
-            timed(paco_loss, inputs, device), timed(reference_paco, inputs, device)
+            timed(lambda: fwd_bwd(paco_loss, inputs), device), timed(lambda: fwd_bwd(reference_paco, inputs), device)
         for _ in range(args.repeats):
-            times["paco_loss"].append(timed(paco_loss, inputs, device))
-            times["reference"].append(timed(reference_paco, inputs, device))
+            times["paco_loss"].append(timed(lambda: fwd_bwd(paco_loss, inputs), device))
+            times["reference"].append(timed(lambda: fwd_bwd(reference_paco, inputs), device))
         fast, slow = statistics.median(times["paco_loss"]), statistics.median(times["reference"])
         peaks = {"paco_loss": peak_mib(paco_loss, inputs, device), "reference": peak_mib(reference_paco, inputs, device)}
         shape = ", ".join(f"{k}={v}" for k, v in size.items())

@@ -9,10 +9,8 @@ share of the key encoder's forward pass is measured on its own for scale.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,17 +18,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paco_ray.config import load_config  # noqa: E402
 from paco_ray.train import build_model, compute_loss  # noqa: E402
+from timing import device_args, timed  # noqa: E402
 
 SETUPS = {  # name -> (backbone, channels, image size, classes, batch, proj_dim, queue)
     "fashion_mnist_lt resnet_small28": ("resnet_small28", 1, 28, 10, 128, 64, 1024),
     "cifar100_lt resnet32": ("resnet32", 3, 32, 100, 128, 32, 1024),
 }
 LOSSES = ("ce", "balanced_softmax", "paco", "gpaco")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_step(loss, backbone, channels, size, classes, batch, proj_dim, queue, device):
@@ -64,23 +58,8 @@ def make_step(loss, backbone, channels, size, classes, batch, proj_dim, queue, d
     return step, (key_forward if loss == "paco" else None)
 
 
-def timed(fn, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    print(f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{args.threads} threads'})")
+    args, device = device_args(__doc__.split("\n\n")[0], repeats=15)
     headline = None
     for name, setup in SETUPS.items():
         steps = {loss: make_step(loss, *setup, device) for loss in LOSSES}
