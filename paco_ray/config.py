@@ -307,8 +307,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def _absolute_storage(path: str) -> str:
-    """Ray needs absolute storage paths; URIs (s3://, gs://) pass through, without credentials."""
-    check_no_credentials("storage_path", path)
+    """Ray needs absolute storage paths; URIs (s3://, gs://) pass through."""
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 

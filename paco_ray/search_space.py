@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 
-from .config import (_NUMBER, ConfigError, TrainConfig, _absolute_storage, _coerce, apply_overrides, flatten,
+from .config import (_NUMBER, ConfigError, TrainConfig, _absolute_storage, _coerce, apply_overrides, check_no_credentials, flatten,
                      read_yaml_mapping)
 
 # primitive -> number of arguments (None: a non-empty list of values)
@@ -309,6 +309,7 @@ def _validate(space: SearchSpace, base_cfg: TrainConfig) -> None:
         raise ConfigError(f"checkpoints.keep_trials: must be >= 1, got {c.keep_trials}")
     if not space.storage_path:
         raise ConfigError("storage_path: must not be empty")
+    check_no_credentials("storage_path", space.storage_path)
     space.storage_path = _absolute_storage(space.storage_path)
     if not space.name or "/" in space.name:
         raise ConfigError(f"name: must be a non-empty name without '/', got {space.name!r}")

@@ -413,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"use_gpu={str(args.gpu).lower()}")
     try:
         cfg = load_config(args.config, overrides)
+        KillPlan.from_env(os.environ)  # a malformed drill fails here, not after Ray has started
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

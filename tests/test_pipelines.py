@@ -1,6 +1,5 @@
 """Pipelines on small files in the real formats: manifests, LT counts, .beton round trips, bad input."""
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -8,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_fashion_root
+from conftest import RunsCode, make_fashion_root
 from paco_ray.config import DataConfig
 from paco_ray.data.loaders import build_loaders
 from paco_ray.data.longtail import exponential_profile
@@ -142,16 +141,6 @@ def test_cifar_errors(tmp_path, capsys):
     assert cifar.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "o")]) == 2
     assert "train: not a CIFAR python batch" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-
-
-class RunsCode:
-    """A pickle that would create a file when unpickled: code execution, harmless here."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 @pytest.mark.parametrize("file", ["train", "meta"])

@@ -5,22 +5,12 @@ import pytest
 import torch
 import yaml
 
+from conftest import RunsCode
 from paco_ray import evaluate as evaluate_cli
 from paco_ray import train as train_cli
 from paco_ray import tune as tune_cli
 from paco_ray.checkpoint import CheckpointError, load_state
 from paco_ray.train import LocalSession, train
-
-
-class RunsCode:
-    """Pickled, it calls Path.touch(marker) when loaded: stands in for any code execution."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        from pathlib import Path
-        return (Path.touch, (self.marker,))
 
 
 def python_tag(marker) -> str:
