@@ -33,12 +33,15 @@ def run_one(job: dict) -> dict:
 
     from paco_ray.config import load_config
     from paco_ray.evaluate import evaluate_checkpoint
-    from paco_ray.train import LocalSession, train
+    from paco_ray.session import LocalSession
+    from paco_ray.train import train
+    from pipelines.default_data import with_prepared_data
 
     torch.set_num_threads(1)
     cfg = load_config(None, [f"loss={job['loss']}", f"seed={job['seed']}", "workers=1", "cpus_per_worker=1",
-                             f"optim.epochs={job['epochs']}", f"data.imbalance_factor={job['imbalance_factor']}",
-                             f"data.max_per_class={job['max_per_class']}", *job["overrides"]])
+                             f"optim.epochs={job['epochs']}", f"default_data.imbalance_factor={job['imbalance_factor']}",
+                             f"default_data.max_per_class={job['max_per_class']}", *job["overrides"]])
+    cfg = with_prepared_data(cfg)  # already prepared by main: a fingerprint check
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         session = LocalSession(out)
@@ -113,11 +116,11 @@ def main() -> None:
                  overrides=args.set)
             for factor in args.imbalance_factors for seed in range(args.seeds) for loss in args.losses]
     from paco_ray.config import load_config
-    from paco_ray.data.prepared import resolve_dataset
+    from pipelines.default_data import with_prepared_data
 
     for factor in args.imbalance_factors:  # prepare each dataset once, before the workers race for it
-        resolve_dataset(load_config(None, [f"data.imbalance_factor={factor}",
-                                           f"data.max_per_class={args.max_per_class}"]).data)
+        with_prepared_data(load_config(None, [f"default_data.imbalance_factor={factor}",
+                                              f"default_data.max_per_class={args.max_per_class}"]))
     started = time.perf_counter()
     runs = []
     with mp.get_context("spawn").Pool(args.parallel) as pool:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paco_ray.config import load_config  # noqa: E402
-from paco_ray.data.prepared import resolve_dataset  # noqa: E402
-from paco_ray.train import LocalSession, fit, train  # noqa: E402
+from paco_ray.session import LocalSession  # noqa: E402
+from paco_ray.train import fit, train  # noqa: E402
+from pipelines.default_data import with_prepared_data  # noqa: E402
 
 
 def steady(values: list[float]) -> float:
@@ -36,8 +37,7 @@ def main() -> None:
     def config(workers: int, name: str):
         cfg = load_config(None, [f"workers={workers}", "cpus_per_worker=1", f"optim.epochs={args.epochs}",
                                  f"data.loader={args.loader}", f"storage_path={storage}", f"name={name}"])
-        cfg.data.path = str(resolve_dataset(cfg.data))
-        return cfg
+        return with_prepared_data(cfg)
 
     started = time.perf_counter()
     session = LocalSession(Path(storage) / "local")

@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paco_ray.config import load_config  # noqa: E402
-from paco_ray.train import build_model, compute_loss  # noqa: E402
+from paco_ray.losses import compute_loss  # noqa: E402
+from paco_ray.model import PaCoModel  # noqa: E402
 from timing import device_args, timed  # noqa: E402
 
 SETUPS = {  # name -> (backbone, channels, image size, classes, batch, proj_dim, queue)
@@ -31,7 +32,7 @@ def make_step(loss, backbone, channels, size, classes, batch, proj_dim, queue, d
     cfg = load_config(None, [f"loss={loss}", f"model.backbone={backbone}", f"model.proj_dim={proj_dim}",
                              f"paco.queue_size={queue}", "paco.alpha=0.05"])
     torch.manual_seed(0)
-    model = build_model(cfg, classes, channels).to(device)
+    model = PaCoModel.from_config(cfg, classes, channels).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
@@ -46,7 +47,7 @@ def make_step(loss, backbone, channels, size, classes, batch, proj_dim, queue, d
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = model(x_q, x_k if cfg.contrastive else None, labels)
-            value = compute_loss(cfg, out, labels, log_prior)
+            value = compute_loss(cfg.loss, out, labels, log_prior, cfg.paco)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()

@@ -1,2 +1,2 @@
 """paco_ray: Parametric Contrastive Learning for long-tailed classification on Ray."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,20 +1,30 @@
 """Full training state on disk: one ``state.pt`` per checkpoint directory, written atomically and
-read back with ``torch.load(weights_only=True)``."""
+read back with ``torch.load(weights_only=True)``; and the checks that decide whether a run may
+resume from one (``restore_training``)."""
 from __future__ import annotations
 
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from .config import resume_conflict
+from .errors import InputError
+from .schema import ConfigError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .data.longtail import ClassInfo
+
 STATE_FILE = "state.pt"
 REQUIRED_KEYS = ("config", "classes", "epoch", "model")
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng")  # beyond what every checkpoint has
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used; the message names the file."""
 
 
@@ -94,3 +104,47 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def training_state(cfg: "TrainConfig", classes: "ClassInfo", epoch: int, model: torch.nn.Module, optimizer,
+                   scheduler, scaler, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Everything a run needs to continue bit-identically after ``epoch`` (``model`` unwrapped)."""
+    return {"config": cfg.to_dict(), "classes": classes.to_dict(), "epoch": epoch, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng_states(), "metrics": metrics}
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, Any], cfg: "TrainConfig", num_classes: int) -> None:
+    """``state["model"]`` into ``model`` (unwrapped), or a one-line CheckpointError saying why not."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"checkpoint does not fit this model ({cfg.model.backbone}, "
+                              f"{num_classes} classes): {first}") from None
+
+
+def restore_training(state: dict[str, Any], cfg: "TrainConfig", classes: "ClassInfo", model: torch.nn.Module,
+                     optimizer, scheduler, scaler) -> int:
+    """Check that ``state`` continues the run ``cfg`` describes, load it into model (unwrapped),
+    optimizer, scheduler, scaler and the RNGs, and return the epoch to start from."""
+    try:
+        conflict = resume_conflict(state["config"], cfg)
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint config is not valid here: {err}") from None
+    if conflict and not cfg.resume_override:
+        raise CheckpointError(f"checkpoint was trained with other settings: {conflict}; "
+                              "set resume_override: true to resume from it anyway")
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {', '.join(missing)}, needed to resume training")
+    saved_classes = len(state["classes"].get("names", ()))
+    if saved_classes != classes.num_classes:
+        raise CheckpointError(f"checkpoint has {saved_classes} classes but the dataset {cfg.data.path} "
+                              f"has {classes.num_classes}")
+    load_model_weights(model, state, cfg, classes.num_classes)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_states(state["rng"])
+    return state["epoch"]

@@ -6,40 +6,26 @@ the offending key as a dotted path (``paco.temperature``).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import re
-import typing
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .schema import ConfigError, apply_overrides, flatten, from_mapping, read_yaml_mapping
+from .storage import absolute_storage, check_no_credentials
+
+__all__ = ["ConfigError", "TrainConfig", "DataConfig", "DefaultDataConfig", "load_config", "resume_conflict"]
 
 LOSSES = ("paco", "gpaco", "balanced_softmax", "ce")
-DATASETS = ("fashion_mnist_lt",)
 LOADERS = ("ffcv", "torch")
 AUGMENTS = ("small", "imagenet")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 
 
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value or key; the message names the key."""
-
-
 @dataclass
 class DataConfig:
     path: str = ""  # prepared dataset directory (python -m pipelines.*); empty: the embedded default
-    # The embedded default, prepared into cache_dir on first use when path is empty:
-    dataset: str = "fashion_mnist_lt"
-    root: str = "/usr/share/datasets/fashion-mnist"
-    imbalance_factor: float = 100.0
-    max_per_class: int = 5000
-    val_per_class: int = 500
-    cache_dir: str = "~/.cache/paco_ray"
     batch_size: int = 128  # global, split evenly across workers
     eval_batch_size: int = 1024
     num_workers: int = 0  # loader workers per training worker; 0: FFCV uses the worker's CPUs, torch loads in-process
@@ -49,6 +35,17 @@ class DataConfig:
     crop_padding: int = 2
     randaugment_ops: int = 0  # RandAugment on the query view; 0 = off
     randaugment_magnitude: int = 9
+
+
+@dataclass
+class DefaultDataConfig:
+    """The embedded default dataset, Fashion-MNIST-LT: prepared by the command-line driver into
+    cache_dir (once; a no-op when cached) when data.path is empty. Workers never read these keys."""
+    root: str = "/usr/share/datasets/fashion-mnist"
+    imbalance_factor: float = 100.0
+    max_per_class: int = 5000
+    val_per_class: int = 500
+    cache_dir: str = "~/.cache/paco_ray"
 
 
 @dataclass
@@ -96,6 +93,7 @@ class TrainConfig:
     placement_strategy: str = "PACK"  # of the workers over nodes: PACK | SPREAD | STRICT_SPREAD | STRICT_PACK
     log_level: str = "WARNING"  # Ray Train's own log lines; progress is printed by rank 0
     data: DataConfig = field(default_factory=DataConfig)
+    default_data: DefaultDataConfig = field(default_factory=DefaultDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     paco: PaCoConfig = field(default_factory=PaCoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -106,7 +104,7 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
-        dataset = Path(self.data.path).name if self.data.path else self.data.dataset
+        dataset = Path(self.data.path).name if self.data.path else DEFAULT_DATASET
         return self.name or f"{dataset}-{self.loss}-seed{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,53 +112,40 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
-        cfg = _build(cls, raw, "")
+        """A validated config from a mapping; keys renamed in 0.2 are read under their new names."""
+        cfg = from_mapping(cls, upgrade_renamed_keys(raw)[0])
         validate(cfg)
         return cfg
 
 
-def _coerce(value: Any, kind: Any, key: str) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads 1e-4 as a string
-            return float(value)
-    elif kind is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise TypeError(f"unsupported config type {kind}")
-    raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+DEFAULT_DATASET = "fashion_mnist_lt"
+# Keys that moved in 0.2, still read (with a warning from load_config) until 0.3.
+RENAMED_KEYS = {f"data.{key}": f"default_data.{key}"
+                for key in ("root", "imbalance_factor", "max_per_class", "val_per_class", "cache_dir")}
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
-    values = {}
-    for name in names:
-        if name not in raw:
-            continue
-        kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            values[name] = _build(kind, raw[name], f"{prefix}{name}.")
-        else:
-            values[name] = _coerce(raw[name], kind, prefix + name)
-    return cls(**values)
+def upgrade_renamed_keys(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``raw`` with renamed keys moved to their new place, and one deprecation line per old key.
+    ``data.dataset`` is dropped: its only value was the embedded default."""
+    data = raw.get("data")
+    if not isinstance(data, dict) or not any(f"data.{k}" in RENAMED_KEYS or k == "dataset" for k in data):
+        return raw, []
+    raw, data, notes = dict(raw), dict(data), []
+    if not isinstance(raw.get("default_data") or {}, dict):
+        raise ConfigError(f"default_data: expected a mapping, got {raw['default_data']!r}")
+    if "dataset" in data:
+        value = data.pop("dataset")
+        if value != DEFAULT_DATASET:
+            raise ConfigError(f"data.dataset: must be {DEFAULT_DATASET} (other datasets: prepare one with "
+                              f"python -m pipelines... and set data.path), got {value!r}")
+        notes.append("data.dataset is deprecated and ignored (an empty data.path means the embedded default)")
+    for old, new in RENAMED_KEYS.items():
+        key = old.split(".", 1)[1]
+        if key in data:
+            raw["default_data"] = {**(raw.get("default_data") or {}), key: data.pop(key)}
+            notes.append(f"{old} is deprecated; use {new}")
+    raw["data"] = data
+    return raw, notes
 
 
 def _check(ok: bool, key: str, message: str, value: Any) -> None:
@@ -187,15 +172,11 @@ def validate(cfg: TrainConfig) -> None:
     _check("/" not in cfg.name, "name", "must not contain '/'", cfg.name)
 
     d = cfg.data
-    _check(d.dataset in DATASETS, "data.dataset", f"must be one of {', '.join(DATASETS)}", d.dataset)
     _check(d.loader in LOADERS, "data.loader", f"must be one of {', '.join(LOADERS)}", d.loader)
     _check(d.augment in AUGMENTS, "data.augment", f"must be one of {', '.join(AUGMENTS)}", d.augment)
     _check(d.image_size >= 0, "data.image_size", "must be >= 0", d.image_size)
     _check(d.image_size > 0 or d.augment != "imagenet", "data.image_size", "must be > 0 with data.augment=imagenet",
            d.image_size)
-    _check(d.imbalance_factor >= 1, "data.imbalance_factor", "must be >= 1", d.imbalance_factor)
-    _check(d.max_per_class >= 1, "data.max_per_class", "must be >= 1", d.max_per_class)
-    _check(d.val_per_class >= 1, "data.val_per_class", "must be >= 1", d.val_per_class)
     _check(d.batch_size >= 1, "data.batch_size", "must be >= 1", d.batch_size)
     _check(d.batch_size % cfg.workers == 0, "data.batch_size",
            f"must be divisible by workers={cfg.workers}", d.batch_size)
@@ -205,6 +186,11 @@ def validate(cfg: TrainConfig) -> None:
     _check(d.randaugment_ops >= 0, "data.randaugment_ops", "must be >= 0", d.randaugment_ops)
     _check(0 <= d.randaugment_magnitude <= 30, "data.randaugment_magnitude", "must be in [0, 30]",
            d.randaugment_magnitude)
+
+    e = cfg.default_data
+    _check(e.imbalance_factor >= 1, "default_data.imbalance_factor", "must be >= 1", e.imbalance_factor)
+    _check(e.max_per_class >= 1, "default_data.max_per_class", "must be >= 1", e.max_per_class)
+    _check(e.val_per_class >= 1, "default_data.val_per_class", "must be >= 1", e.val_per_class)
 
     m = cfg.model
     _check(m.backbone in BACKBONES, "model.backbone", f"must be one of {', '.join(BACKBONES)}", m.backbone)
@@ -232,7 +218,8 @@ def validate(cfg: TrainConfig) -> None:
 # What may change between a checkpoint and the run that resumes from it: resources, I/O, logging.
 RESUME_MAY_CHANGE = {"workers", "cpus_per_worker", "use_gpu", "amp", "amp_dtype", "storage_path", "name",
                      "keep_checkpoints", "max_failures", "log_level", "placement_strategy", "skip_nonfinite",
-                     "resume_override", "data.num_workers", "data.eval_batch_size", "data.cache_dir"}
+                     "resume_override", "data.num_workers", "data.eval_batch_size",
+                     *(f"default_data.{f.name}" for f in dataclasses.fields(DefaultDataConfig))}
 
 
 def resume_conflict(saved: dict[str, Any], cfg: TrainConfig) -> str | None:
@@ -245,75 +232,18 @@ def resume_conflict(saved: dict[str, Any], cfg: TrainConfig) -> str | None:
     return None
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as ``{"dotted.key": value}``."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` strings (values parsed as YAML) to a raw config mapping."""
-    raw = dict(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({err.__class__.__name__})") from None
-        node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.get(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: {part} is not a section")
-            node[part] = child = dict(child)
-            node = child
-        node[parts[-1]] = value
-    return raw
-
-
-def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict[str, Any]:
-    """A YAML file holding a mapping (safe loader); ``what`` names the file in one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{what} {str(path)!r}{where}: invalid YAML") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{what} {str(path)!r}: expected a mapping at top level")
-    return raw
-
-
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Load a YAML file (or the embedded default when ``path`` is None) plus overrides."""
     raw = read_yaml_mapping(path, "config file") if path is not None else {}
-    raw = apply_overrides(raw, overrides or [])
+    raw, notes = upgrade_renamed_keys(apply_overrides(raw, overrides or []))
+    for note in notes:
+        sys.stderr.write(f"warning: {note}\n")
     cfg = TrainConfig.from_dict(raw)
-    cfg.storage_path = _absolute_storage(cfg.storage_path)
-    if cfg.data.path:  # absolute: Ray and Tune change the working directory
-        cfg.data.path = str(Path(cfg.data.path).expanduser().resolve())
-    return cfg
+    # absolute: Ray and Tune change the working directory
+    data = dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).expanduser().resolve()) if cfg.data.path else "")
+    return dataclasses.replace(cfg, storage_path=absolute_storage(cfg.storage_path), data=data)
 
 
-def _absolute_storage(path: str) -> str:
-    """Ray needs absolute storage paths; URIs (s3://, gs://) pass through."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-def check_no_credentials(key: str, uri: str) -> None:
-    """Refuse ``scheme://user:secret@host/...``: checkpoints, logs and Tune's files record the
-    value. The message does not echo it."""
-    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
-        raise ConfigError(f"{key}: a {uri.split('://', 1)[0]}:// URI must not carry credentials (user:secret@); "
-                          "give them through the environment or the machine's role instead")
+def with_data_path(cfg: TrainConfig, path: str | os.PathLike) -> TrainConfig:
+    """A copy of ``cfg`` reading the prepared dataset at ``path``."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(path)))

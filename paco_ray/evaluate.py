@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .data.longtail import ClassInfo
+from .errors import InputError
 
 TABLE_COLUMNS = ("top1", "top5", "balanced_acc", "many", "medium", "few")
 
@@ -24,7 +25,7 @@ def per_class_counts(model: torch.nn.Module, batches: Iterable, normalize, num_c
     model.eval()
     for images, labels in batches:
         labels = labels.to(device)
-        logits = model(normalize(images))
+        logits = model(normalize(images)).logits
         topk = logits.topk(k, dim=1).indices
         hits1 = topk[:, 0] == labels
         hits5 = (topk == labels.unsqueeze(1)).any(1)
@@ -56,6 +57,13 @@ def metrics_from_counts(counts: torch.Tensor, classes: ClassInfo) -> dict[str, f
     return metrics
 
 
+def evaluate_split(model: torch.nn.Module, loaders, split: str, classes: ClassInfo,
+                   device: torch.device) -> dict[str, float]:
+    """Metrics (with ``per_class``) of ``model`` on this rank's shard of ``split``, summed over ranks."""
+    counts = per_class_counts(model, loaders.eval(split), loaders.normalize, classes.num_classes, device)
+    return metrics_from_counts(counts, classes)
+
+
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     """Rows of metrics (e.g. {'val': ..., 'test': ...}) as a fixed-width text table."""
     lines = ["split  " + "".join(f"{c:>14}" for c in TABLE_COLUMNS)]
@@ -76,31 +84,27 @@ def format_per_class(metrics: dict, classes: ClassInfo) -> str:
 def evaluate_checkpoint(path: str, splits: list[str] | None = None) -> tuple[dict[str, dict], ClassInfo]:
     """Rebuild the model and data named by a checkpoint and evaluate it on ``splits``
     (default: val and, when the dataset has one, test)."""
-    from .checkpoint import load_state
+    from .checkpoint import load_model_weights, load_state
     from .config import TrainConfig
     from .data.loaders import build_loaders
-    from .data.prepared import DatasetError, PreparedDataset, resolve_dataset
-    from .train import build_model
+    from .data.prepared import DatasetError, PreparedDataset
+    from .model import PaCoModel
 
     state = load_state(path)
     cfg = TrainConfig.from_dict(state["config"])
-    data = PreparedDataset.open(resolve_dataset(cfg.data))
+    data = PreparedDataset.open(cfg.data.path)
     if splits is None:
         splits = [s for s in ("val", "test") if s in data.labels]
     missing = [s for s in splits if s not in data.labels]
     if missing:
         raise DatasetError(f"--split {missing[0]}: {data.path} has no {missing[0]} split")
     classes = ClassInfo.from_dict(state["classes"])
-    model = build_model(cfg, classes.num_classes, data.channels)
-    model.load_state_dict(state["model"])
+    model = PaCoModel.from_config(cfg, classes.num_classes, data.channels)
+    load_model_weights(model, state, cfg, classes.num_classes)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     loaders = build_loaders(data, cfg.data, rank=0, world_size=1, seed=cfg.seed, device=device)
-    results = {}
-    for split in splits:
-        counts = per_class_counts(model, loaders.eval(split), loaders.normalize, classes.num_classes, device)
-        results[split] = metrics_from_counts(counts, classes)
-    return results, classes
+    return {split: evaluate_split(model, loaders, split, classes, device) for split in splits}, classes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,12 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="split to evaluate (repeatable; default: test)")
     parser.add_argument("--per-class", action="store_true", help="also print per-class accuracy")
     args = parser.parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data.prepared import DatasetError
     try:
         results, classes = evaluate_checkpoint(args.checkpoint, args.split or ["test"])
-    except (CheckpointError, ConfigError, DatasetError, FileNotFoundError, ValueError) as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_table(results))

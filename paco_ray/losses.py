@@ -1,18 +1,36 @@
-"""PaCo loss and the baselines it is compared with.
+"""PaCo loss and the baselines it is compared with, and ``compute_loss``, the choice among them.
 
-Every loss takes the classifier's center logits (B, C) and the log class prior (C,);
-the contrastive terms of PaCo additionally take the query/key projections and the queue.
+The losses take the classifier's center logits (B, C); Balanced Softmax and PaCo add the log class
+prior (C,); PaCo additionally takes the query/key projections and the queue.
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from .config import PaCoConfig
+    from .model import PaCoOutput
 
-def cross_entropy(center_logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain softmax cross-entropy (the prior is ignored)."""
+
+def compute_loss(loss: str, out: "PaCoOutput", labels: torch.Tensor, log_prior: torch.Tensor,
+                 paco: "PaCoConfig") -> torch.Tensor:
+    """The training loss named ``loss`` (paco, gpaco, balanced_softmax or ce) of one forward pass."""
+    if loss in ("paco", "gpaco"):
+        return paco_loss(out.q, out.k, out.queue_keys, labels, out.queue_labels, out.logits, log_prior,
+                         alpha=paco.alpha, beta=paco.beta, gamma=paco.gamma, temperature=paco.temperature)
+    if loss == "balanced_softmax":
+        return balanced_softmax(out.logits, labels, log_prior)
+    if loss == "ce":
+        return cross_entropy(out.logits, labels)
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def cross_entropy(center_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain softmax cross-entropy."""
     return F.cross_entropy(center_logits.float(), labels)
 
 

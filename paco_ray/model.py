@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -10,6 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbones import build_backbone
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+# How a loss gets its keys: PaCo from a momentum encoder, GPaCo from the query encoder; None: no keys.
+KEY_SOURCES = {"paco": "momentum", "gpaco": "query", "balanced_softmax": None, "ce": None}
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
@@ -55,11 +61,12 @@ class KeyQueue(nn.Module):
 
 
 class PaCoOutput(NamedTuple):
-    logits: torch.Tensor        # (B, C) center logits, before the log prior
-    q: torch.Tensor             # (B, D) normalised query projections
-    k: torch.Tensor             # (B, D) normalised key projections (no grad)
-    queue_keys: torch.Tensor    # (K, D) queue before this batch was enqueued
-    queue_labels: torch.Tensor  # (K,) -1 for empty slots
+    """What one forward pass gives the loss; the contrastive fields are None without a key view."""
+    logits: torch.Tensor                        # (B, C) center logits, before the log prior
+    q: torch.Tensor | None = None               # (B, D) normalised query projections
+    k: torch.Tensor | None = None               # (B, D) normalised key projections (no grad)
+    queue_keys: torch.Tensor | None = None      # (K, D) queue before this batch was enqueued
+    queue_labels: torch.Tensor | None = None    # (K,) -1 for empty slots
 
 
 def projection_head(in_dim: int, out_dim: int) -> nn.Sequential:
@@ -69,27 +76,34 @@ def projection_head(in_dim: int, out_dim: int) -> nn.Sequential:
 class PaCoModel(nn.Module):
     """Encoder + classifier, plus for contrastive losses a projector, a key encoder and a queue.
 
-    ``key_encoder``: ``"momentum"`` (PaCo: EMA copy of encoder and projector), ``"shared"``
-    (GPaCo: keys from the query encoder without gradient) or ``None`` (CE / Balanced Softmax).
+    ``key_source``: ``"momentum"`` (PaCo: keys from an EMA copy of encoder and projector, the
+    module ``key_encoder``), ``"query"`` (GPaCo: keys from the query encoder without gradient) or
+    ``None`` (CE / Balanced Softmax: no projector, no queue).
     """
 
     def __init__(self, backbone: str, num_classes: int, in_channels: int = 3, proj_dim: int = 128,
-                 queue_size: int = 8192, momentum: float = 0.999, key_encoder: str | None = "momentum"):
+                 queue_size: int = 8192, momentum: float = 0.999, key_source: str | None = "momentum"):
         super().__init__()
-        if key_encoder not in ("momentum", "shared", None):
-            raise ValueError(f"key_encoder must be 'momentum', 'shared' or None, got {key_encoder!r}")
+        if key_source not in ("momentum", "query", None):
+            raise ValueError(f"key_source must be 'momentum', 'query' or None, got {key_source!r}")
         self.encoder, feature_dim = build_backbone(backbone, in_channels)
         self.classifier = nn.Linear(feature_dim, num_classes)
-        self.key_mode = key_encoder
+        self.key_source = key_source
         self.momentum = momentum
-        if key_encoder is not None:
+        if key_source is not None:
             self.projector = projection_head(feature_dim, proj_dim)
             self.queue = KeyQueue(queue_size, proj_dim)
-        if key_encoder == "momentum":
+        if key_source == "momentum":
             self.key_encoder = copy.deepcopy(self.encoder)
             self.key_projector = copy.deepcopy(self.projector)
             for p in self._key_params():
                 p.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, cfg: "TrainConfig", num_classes: int, in_channels: int) -> "PaCoModel":
+        """The model a training config describes (its loss decides the key source)."""
+        return cls(cfg.model.backbone, num_classes, in_channels, cfg.model.proj_dim, cfg.paco.queue_size,
+                   cfg.paco.momentum, KEY_SOURCES[cfg.loss])
 
     def _query_params(self) -> list[torch.Tensor]:
         return [*self.encoder.parameters(), *self.projector.parameters()]
@@ -105,18 +119,17 @@ class PaCoModel(nn.Module):
         torch._foreach_add_(key_params, self._query_params(), alpha=1.0 - self.momentum)
 
     def forward(self, x_q: torch.Tensor, x_k: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor | PaCoOutput:
-        """Logits for ``x_q`` alone; with a key view and labels (training, contrastive) a PaCoOutput.
-
-        The training call also updates the key encoder and enqueues this batch's keys.
-        """
+                labels: torch.Tensor | None = None) -> PaCoOutput:
+        """Center logits of ``x_q``; with a key view and labels (contrastive training) also the
+        query and key projections and the queue. That call updates the key encoder and enqueues
+        this batch's keys."""
         features = self.encoder(x_q)
         logits = self.classifier(features)
-        if x_k is None or self.key_mode is None:
-            return logits
+        if x_k is None or self.key_source is None:
+            return PaCoOutput(logits)
         q = F.normalize(self.projector(features), dim=1)
         with torch.no_grad():
-            if self.key_mode == "momentum":
+            if self.key_source == "momentum":
                 self.momentum_update()
                 k = self.key_projector(self.key_encoder(x_k))
             else:

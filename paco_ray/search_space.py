@@ -20,24 +20,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import math
-import typing
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-from .config import (_NUMBER, ConfigError, TrainConfig, _absolute_storage, _coerce, apply_overrides, check_no_credentials, flatten,
-                     read_yaml_mapping)
+from .config import TrainConfig, upgrade_renamed_keys
+from .schema import (NUMBER, ConfigError, apply_overrides, check_keys, coerce, field_type, flatten, from_mapping,
+                     read_yaml_mapping, set_dotted)
+from .storage import absolute_storage, check_no_credentials
 
 # primitive -> number of arguments (None: a non-empty list of values)
 PRIMITIVES = {"uniform": 2, "quniform": 3, "loguniform": 2, "qloguniform": 3,
               "randint": 2, "qrandint": 3, "lograndint": 2, "choice": None, "grid": None}
 INTEGER_PRIMITIVES = ("randint", "qrandint", "lograndint", "choice", "grid")
 METRICS = ("val_balanced_acc", "val_top1", "val_top5", "val_many", "val_medium", "val_few")
-TOP_LEVEL = ("base", "search", "scheduler", "num_samples", "max_concurrent_trials", "resources",
-             "checkpoints", "storage_path", "name", "search_seed")
+TOP_LEVEL = ["base", "search", "scheduler", "num_samples", "max_concurrent_trials", "resources",
+             "checkpoints", "storage_path", "name", "search_seed"]
 # Keys the search file sets in its own sections, not in base: or search:
 MANAGED = {"workers": "resources.workers", "cpus_per_worker": "resources.cpus_per_worker",
            "use_gpu": "resources.use_gpu", "storage_path": "storage_path", "name": "name",
@@ -46,8 +46,7 @@ MANAGED = {"workers": "resources.workers", "cpus_per_worker": "resources.cpus_pe
 
 @dataclass
 class Scheduler:
-    metric: str = "val_balanced_acc"
-    mode: str = "max"
+    metric: str = "val_balanced_acc"  # maximised: every metric is an accuracy
     max_t: int = 0  # epochs of a full trial (its cosine schedule); 0: base optim.epochs
     grace_period: int = 1
     reduction_factor: float = 3.0
@@ -94,11 +93,11 @@ class SearchSpace:
         """The training config of one trial: base + sampled values + resources."""
         raw = copy.deepcopy(self.base)
         for key, value in flatten(sampled).items():
-            _set(raw, key, value)
+            set_dotted(raw, key, value)
         r = self.resources
         raw.update(workers=r.workers, cpus_per_worker=r.cpus_per_worker, use_gpu=r.use_gpu,
                    keep_checkpoints=self.checkpoints.keep_per_trial)
-        _set(raw, "optim.epochs", epochs or self.scheduler.max_t)
+        set_dotted(raw, "optim.epochs", epochs or self.scheduler.max_t)
         return TrainConfig.from_dict(raw)
 
     def full_config(self) -> TrainConfig:
@@ -112,7 +111,7 @@ class SearchSpace:
     def to_dict(self) -> dict[str, Any]:
         search: dict[str, Any] = {}
         for key, (primitive, args) in self.search.items():
-            _set(search, key, {primitive: args})
+            set_dotted(search, key, {primitive: args})
         return {"base": self.base, "search": search, "scheduler": dataclasses.asdict(self.scheduler),
                 "num_samples": self.num_samples, "max_concurrent_trials": self.max_concurrent_trials,
                 "resources": dataclasses.asdict(self.resources),
@@ -123,58 +122,9 @@ class SearchSpace:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[last] = value
-
-
-def _field_type(dotted: str, where: str) -> type:
-    """The Python type of a TrainConfig key; unknown keys raise with a suggestion."""
-    cls: Any = TrainConfig
-    parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
-        if part not in names:
-            prefix = ".".join(parts[:i])
-            close = difflib.get_close_matches(part, names, n=1)
-            hint = f" (did you mean {where}.{prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
-            raise ConfigError(f"{where}.{dotted}: unknown config key{hint}")
-        cls = hints[part]
-        if not dataclasses.is_dataclass(cls) and i < len(parts) - 1:
-            raise ConfigError(f"{where}.{dotted}: {'.'.join(parts[:i + 1])} is not a section")
-    if dataclasses.is_dataclass(cls):
-        raise ConfigError(f"{where}.{dotted}: is a section; search its keys ({where}.{dotted}.<key>)")
-    return cls
-
-
 def _is_section(dotted: str) -> bool:
-    """Whether a dotted TrainConfig path names a section (raises for unknown keys)."""
-    try:
-        _field_type(dotted, "search")
-    except ConfigError as err:
-        if "is a section" in str(err):
-            return True
-        raise
-    return False
-
-
-def _build_section(cls: type, raw: Any, key: str) -> Any:
-    if raw is None:
-        return cls()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{key}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for name, value in raw.items():
-        if name not in names:
-            close = difflib.get_close_matches(str(name), names, n=1)
-            raise ConfigError(f"unknown key {key}.{name}" + (f" (did you mean {key}.{close[0]}?)" if close else ""))
-        values[name] = _coerce(value, hints[name], f"{key}.{name}")
-    return cls(**values)
+    """Whether a dotted TrainConfig key names a section (raises for unknown keys)."""
+    return dataclasses.is_dataclass(field_type(TrainConfig, dotted, "search."))
 
 
 def _primitive(key: str, spec: dict[str, Any]) -> tuple[str, Any]:
@@ -185,7 +135,7 @@ def _primitive(key: str, spec: dict[str, Any]) -> tuple[str, Any]:
     primitive, args = next(iter(spec.items()))
     arity = PRIMITIVES[primitive]
     if isinstance(args, list):  # YAML 1.1 reads 1e-3 as a string
-        args = [float(a) if isinstance(a, str) and _NUMBER.fullmatch(a.strip()) else a for a in args]
+        args = [float(a) if isinstance(a, str) and NUMBER.fullmatch(a.strip()) else a for a in args]
     if not isinstance(args, list) or (arity is None and not args) or (arity is not None and len(args) != arity):
         shape = "a non-empty list of values" if arity is None else f"a list of {arity} numbers"
         raise ConfigError(f"{where}: {primitive} takes {shape}, got {args!r}")
@@ -218,29 +168,63 @@ def _candidates(primitive: str, args: list) -> list[Any]:
 
 
 def parse(raw: Any, source: str = "search space") -> SearchSpace:
-    """Validate a raw search-space mapping; every error is one line naming the key."""
+    """Validate a raw search-space mapping; every error is one line naming the key. Values that
+    depend on others (max_t 0, a relative storage path or data.path) are resolved here, once."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at top level")
-    for key in raw:
-        if key not in TOP_LEVEL:
-            close = difflib.get_close_matches(str(key), TOP_LEVEL, n=1)
-            raise ConfigError(f"unknown key {key}" + (f" (did you mean {close[0]}?)" if close else ""))
+    raw = upgrade_space(raw)[0]
+    check_keys(raw, TOP_LEVEL)
+    base, base_cfg = _parse_base(raw.get("base"))
+    scheduler = from_mapping(Scheduler, raw.get("scheduler"), "scheduler.")
+    storage_path = coerce(raw.get("storage_path", "runs/tune"), str, "storage_path")
+    space = SearchSpace(
+        base=base, search=_parse_search(raw.get("search")),
+        scheduler=dataclasses.replace(scheduler, max_t=scheduler.max_t or base_cfg.optim.epochs),
+        num_samples=coerce(raw.get("num_samples", 8), int, "num_samples"),
+        max_concurrent_trials=coerce(raw.get("max_concurrent_trials", 0), int, "max_concurrent_trials"),
+        resources=from_mapping(Resources, raw.get("resources"), "resources."),
+        checkpoints=from_mapping(Checkpoints, raw.get("checkpoints"), "checkpoints."),
+        storage_path=absolute_storage(storage_path) if storage_path else "",
+        name=coerce(raw.get("name", ""), str, "name"),
+        search_seed=coerce(raw.get("search_seed", 0), int, "search_seed"),
+    )
+    _validate(space, base_cfg)
+    return space
 
-    base = raw.get("base") or {}
+
+def upgrade_space(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``raw`` without keys dropped in 0.2, and one deprecation line per dropped key."""
+    scheduler = raw.get("scheduler")
+    if not isinstance(scheduler, dict) or "mode" not in scheduler:
+        return raw, []
+    scheduler = dict(scheduler)
+    mode = scheduler.pop("mode")
+    if mode != "max":
+        raise ConfigError(f"scheduler.mode: {scheduler.get('metric', Scheduler.metric)} is an accuracy and is "
+                          f"maximised, got {mode!r}")
+    return {**raw, "scheduler": scheduler}, ["scheduler.mode is deprecated and ignored (metrics are maximised)"]
+
+
+def _parse_base(base: Any) -> tuple[dict[str, Any], TrainConfig]:
+    """The raw base config (renamed keys upgraded, data.path absolute) and its validated config."""
+    base = base or {}
     if not isinstance(base, dict):
         raise ConfigError(f"base: expected a training config mapping, got {base!r}")
     for key, home in MANAGED.items():
         if key in base:
             raise ConfigError(f"base.{key}: set it as {home} in a search space")
     try:
+        base = copy.deepcopy(upgrade_renamed_keys(base)[0])
         base_cfg = TrainConfig.from_dict(base)
     except ConfigError as err:
         raise ConfigError(f"base: {err}") from None
-    base = copy.deepcopy(base)
     if base_cfg.data.path:  # absolute: Tune changes the working directory
-        _set(base, "data.path", str(Path(base_cfg.data.path).expanduser().resolve()))
+        set_dotted(base, "data.path", str(Path(base_cfg.data.path).expanduser().resolve()))
+    return base, base_cfg
 
-    search_raw = raw.get("search")
+
+def _parse_search(search_raw: Any) -> dict[str, tuple[str, Any]]:
+    """``{dotted key: (primitive, arguments)}`` from nested or dotted ``search:`` entries."""
     if not isinstance(search_raw, dict) or not search_raw:
         raise ConfigError("search: expected a mapping of config keys to sampling primitives")
     search: dict[str, tuple[str, Any]] = {}
@@ -261,31 +245,15 @@ def parse(raw: Any, source: str = "search space") -> SearchSpace:
                                   f"{{choice: [...]}}, got {value!r}")
 
     walk(search_raw, "")
-
-    space = SearchSpace(
-        base=base, search=search,
-        scheduler=_build_section(Scheduler, raw.get("scheduler"), "scheduler"),
-        num_samples=_coerce(raw.get("num_samples", 8), int, "num_samples"),
-        max_concurrent_trials=_coerce(raw.get("max_concurrent_trials", 0), int, "max_concurrent_trials"),
-        resources=_build_section(Resources, raw.get("resources"), "resources"),
-        checkpoints=_build_section(Checkpoints, raw.get("checkpoints"), "checkpoints"),
-        storage_path=_coerce(raw.get("storage_path", "runs/tune"), str, "storage_path"),
-        name=_coerce(raw.get("name", ""), str, "name"),
-        search_seed=_coerce(raw.get("search_seed", 0), int, "search_seed"),
-    )
-    _validate(space, base_cfg)
-    return space
+    return search
 
 
 def _validate(space: SearchSpace, base_cfg: TrainConfig) -> None:
+    """Check every value of a parsed space (changes nothing)."""
     s, r, c = space.scheduler, space.resources, space.checkpoints
     if s.metric not in METRICS:
         raise ConfigError(f"scheduler.metric: must be one of {', '.join(METRICS)} (validation split only), "
                           f"got {s.metric!r}")
-    if s.mode != "max":
-        raise ConfigError(f"scheduler.mode: {s.metric} is an accuracy and is maximised, got {s.mode!r}")
-    if s.max_t == 0:
-        s.max_t = base_cfg.optim.epochs
     if not 1 <= s.max_t <= base_cfg.optim.epochs:
         raise ConfigError(f"scheduler.max_t: must be in [1, base.optim.epochs={base_cfg.optim.epochs}] "
                           f"(trial epochs; base.optim.epochs is the full budget), got {s.max_t}")
@@ -310,32 +278,33 @@ def _validate(space: SearchSpace, base_cfg: TrainConfig) -> None:
     if not space.storage_path:
         raise ConfigError("storage_path: must not be empty")
     check_no_credentials("storage_path", space.storage_path)
-    space.storage_path = _absolute_storage(space.storage_path)
     if not space.name or "/" in space.name:
         raise ConfigError(f"name: must be a non-empty name without '/', got {space.name!r}")
-
     try:
         space.trial_config({})
     except ConfigError as err:  # e.g. data.batch_size not divisible by resources.workers
         raise ConfigError(f"{err} (with resources.workers={r.workers})") from None
-
     for key, (primitive, args) in space.search.items():
-        if key.split(".")[0] in MANAGED or key in ("max_failures", "log_level"):
-            home = MANAGED.get(key.split(".")[0], "base")
-            raise ConfigError(f"search.{key}: not searchable (set it in {home})")
-        if key == "optim.epochs":
-            raise ConfigError("search.optim.epochs: trial length is scheduler.max_t, not searchable")
-        kind = _field_type(key, "search")
-        if kind is not float and primitive not in INTEGER_PRIMITIVES:
-            raise ConfigError(f"search.{key}: {primitive} samples floats but {key} is {kind.__name__}; "
-                              f"use {', '.join(INTEGER_PRIMITIVES) if kind is int else 'choice or grid'}")
-        if kind in (bool, str) and primitive not in ("choice", "grid"):
-            raise ConfigError(f"search.{key}: {key} is {kind.__name__}; use choice or grid")
-        for value in _candidates(primitive, args):
-            try:
-                space.trial_config({key: value})
-            except ConfigError as err:
-                raise ConfigError(f"search.{key}: {primitive} value {value!r} is invalid ({err})") from None
+        _validate_search_key(space, key, primitive, args)
+
+
+def _validate_search_key(space: SearchSpace, key: str, primitive: str, args: Any) -> None:
+    if key.split(".")[0] in MANAGED or key in ("max_failures", "log_level"):
+        home = MANAGED.get(key.split(".")[0], "base")
+        raise ConfigError(f"search.{key}: not searchable (set it in {home})")
+    if key == "optim.epochs":
+        raise ConfigError("search.optim.epochs: trial length is scheduler.max_t, not searchable")
+    kind = field_type(TrainConfig, key, "search.")
+    if kind is not float and primitive not in INTEGER_PRIMITIVES:
+        raise ConfigError(f"search.{key}: {primitive} samples floats but {key} is {kind.__name__}; "
+                          f"use {', '.join(INTEGER_PRIMITIVES) if kind is int else 'choice or grid'}")
+    if kind in (bool, str) and primitive not in ("choice", "grid"):
+        raise ConfigError(f"search.{key}: {key} is {kind.__name__}; use choice or grid")
+    for value in _candidates(primitive, args):
+        try:
+            space.trial_config({key: value})
+        except ConfigError as err:
+            raise ConfigError(f"search.{key}: {primitive} value {value!r} is invalid ({err})") from None
 
 
 def load_space(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
@@ -343,7 +312,10 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SearchSp
     path = Path(path)
     raw = read_yaml_mapping(path, "search space")
     raw.setdefault("name", path.stem)
-    return parse(apply_overrides(raw, overrides or []), str(path))
+    raw, notes = upgrade_space(apply_overrides(raw, overrides or []))
+    for note in notes:
+        sys.stderr.write(f"warning: {note}\n")
+    return parse(raw, str(path))
 
 
 def param_space(space: SearchSpace) -> dict[str, Any]:
@@ -356,7 +328,7 @@ def param_space(space: SearchSpace) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for key, (primitive, args) in space.search.items():
         value = builders[primitive](args) if PRIMITIVES[primitive] is None else builders[primitive](*args)
-        _set(tree, key, value)
+        set_dotted(tree, key, value)
     return tree
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import math
 import os
 import sys
@@ -23,10 +25,14 @@ from typing import Any
 import yaml
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, TrainConfig, flatten
-from .data.prepared import DatasetError, PreparedDataset, resolve_dataset
+from .config import TrainConfig
+from .data.prepared import DatasetError, PreparedDataset
+from .driver import best_checkpoint, copies_that_fit
+from .errors import InputError
 from .evaluate import evaluate_checkpoint, format_table
-from .search_space import SearchSpace, load_space, param_space, parse, resolve_trials
+from .schema import ConfigError, flatten, set_dotted
+from .search_space import SearchSpace, load_space, param_space, parse, resolve_trials, upgrade_space
+from .storage import copy_dir, exists, filesystem, is_local, read_text, write_text
 
 SNAPSHOT = "search_space.yaml"
 BEST_CONFIG = "best_config.yaml"
@@ -40,61 +46,18 @@ def run_trial(config: dict[str, Any], space: dict[str, Any]) -> None:
 
     The Train run is named by the trial id, so a restored trial resumes from its own checkpoint.
     """
-    import ray.train
     import ray.tune
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train import scaling_config, train_loop_per_worker
+    from .driver import run_trainer
+    from .train import train_loop_per_worker
 
     search = parse(space)
-    cfg = search.trial_config(config)
     trial_id = ray.tune.get_context().get_trial_id()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
-        scaling_config=scaling_config(cfg),
-        run_config=ray.train.RunConfig(
-            name=f"{search.name}/train/{trial_id}", storage_path=search.storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=search.checkpoints.keep_per_trial,
-                                                         checkpoint_score_attribute=search.scheduler.metric,
-                                                         checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            logging_config=ray.train.LoggingConfig(log_level=cfg.log_level),
-            callbacks=[TuneReportCallback()]),
-    )
-    trainer.fit()  # raises ray.train.TrainingFailedError: Tune marks the trial as errored
-
-
-# ----------------------------------------------------------------------------- storage
-
-
-def filesystem(uri_or_path: str):
-    """(pyarrow filesystem, path inside it) for a local path or an s3:// gs:// ... URI."""
-    import pyarrow.fs
-
-    if "://" in uri_or_path:
-        return pyarrow.fs.FileSystem.from_uri(uri_or_path)
-    return pyarrow.fs.LocalFileSystem(), uri_or_path
-
-
-def _exists(fs, path: str) -> bool:
-    import pyarrow.fs
-
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-
-
-def _write_text(fs, path: str, text: str) -> None:
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path + ".tmp") as stream:
-        stream.write(text.encode())
-    fs.move(path + ".tmp", path)
-
-
-def _read_text(fs, path: str) -> str:
-    with fs.open_input_stream(path) as stream:
-        return stream.read().decode()
+    # raises ray.train.TrainingFailedError: Tune marks the trial as errored
+    run_trainer(train_loop_per_worker, search.trial_config(config), name=f"{search.name}/train/{trial_id}",
+                storage_path=search.storage_path, keep=search.checkpoints.keep_per_trial,
+                metric=search.scheduler.metric, callbacks=[TuneReportCallback()])
 
 
 # ----------------------------------------------------------------------------- resources
@@ -103,16 +66,14 @@ def _read_text(fs, path: str) -> str:
 def trials_that_fit(space: SearchSpace, cluster: dict[str, float]) -> int:
     """How many trials the cluster runs at once; raises when not even one fits."""
     need = space.resources.per_trial()
-    fits = math.inf
-    for name, amount in need.items():
-        have = cluster.get(name, 0.0)
-        if amount > have + 1e-9:
-            r = space.resources
-            detail = (f"{r.workers} workers x 1 GPU" if name == "GPU" else
-                      f"{r.workers} workers x {r.cpus_per_worker:g} CPU + {r.trial_driver_cpus:g} for the trial driver")
-            raise ConfigError(f"resources: one trial needs {amount:g} {name} ({detail}) but the cluster has {have:g} {name}")
-        fits = min(fits, int((have + 1e-9) // amount))
-    return int(fits)
+    fits, short = copies_that_fit(need, cluster)
+    if short:
+        r = space.resources
+        detail = (f"{r.workers} workers x 1 GPU" if short == "GPU" else
+                  f"{r.workers} workers x {r.cpus_per_worker:g} CPU + {r.trial_driver_cpus:g} for the trial driver")
+        raise ConfigError(f"resources: one trial needs {need[short]:g} {short} ({detail}) but the cluster has "
+                          f"{cluster.get(short, 0):g} {short}")
+    return fits
 
 
 def concurrency(space: SearchSpace, cluster: dict[str, float]) -> int:
@@ -129,19 +90,20 @@ def scale_to_cluster(cfg: TrainConfig, cluster: dict[str, float]) -> TrainConfig
     """The same config on every worker the cluster can hold: the per-worker batch is kept, the
     global batch grows with the workers and the learning rate scales linearly with it."""
     per_worker_batch = cfg.data.batch_size // cfg.workers
+    cpus_per_worker = cfg.cpus_per_worker
     if cfg.use_gpu:
         workers = int(cluster.get("GPU", 0))
         if workers < 1:
             raise ConfigError("resources.use_gpu: the cluster has no GPU to retrain on")
-        cfg.cpus_per_worker = min(cfg.cpus_per_worker, max(1.0, math.floor(cluster.get("CPU", 0) / workers)))
+        cpus_per_worker = min(cpus_per_worker, max(1.0, math.floor(cluster.get("CPU", 0) / workers)))
     else:
-        workers = int((cluster.get("CPU", 0) + 1e-9) // cfg.cpus_per_worker)
+        workers = int((cluster.get("CPU", 0) + 1e-9) // cpus_per_worker)
         if workers < 1:
-            raise ConfigError(f"resources.cpus_per_worker: {cfg.cpus_per_worker:g} CPU exceeds the cluster's CPUs")
+            raise ConfigError(f"resources.cpus_per_worker: {cpus_per_worker:g} CPU exceeds the cluster's CPUs")
     batch = per_worker_batch * workers
-    cfg.optim.lr *= batch / cfg.data.batch_size
-    cfg.workers, cfg.data.batch_size = workers, batch
-    return cfg
+    return dataclasses.replace(cfg, workers=workers, cpus_per_worker=cpus_per_worker,
+                               data=dataclasses.replace(cfg.data, batch_size=batch),
+                               optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr * batch / cfg.data.batch_size))
 
 
 # ----------------------------------------------------------------------------- results
@@ -203,19 +165,19 @@ def prune_checkpoints(rows: list[TrialSummary], space: SearchSpace) -> tuple[int
     """Apply the checkpoint policy: the best ``keep_per_trial`` checkpoints of the best
     ``keep_trials`` trials survive; every other checkpoint directory is deleted, except those of
     errored trials (``--resume`` retries them from their last checkpoint). Returns (kept, deleted)."""
-    fs, root = filesystem(space.experiment_path)
     import pyarrow.fs
 
+    fs, root = filesystem(space.experiment_path)
     kept = deleted = 0
     ranked = [t for t in rows if math.isfinite(t.best)]
     survivors = {t.trial_id for t in ranked[:space.checkpoints.keep_trials]}
     for t in rows:
         keep: set[str] = set()
         if t.trial_id in survivors:
-            present = [p for _, p in t.checkpoints if _exists(fs, p)]
+            present = [p for _, p in t.checkpoints if exists(fs, p)]
             keep = set(present[:space.checkpoints.keep_per_trial])
         run_dir = f"{root}/train/{t.trial_id}"
-        if t.status == "error" or not _exists(fs, run_dir):
+        if t.status == "error" or not exists(fs, run_dir):
             continue
         for info in fs.get_file_info(pyarrow.fs.FileSelector(run_dir)):
             if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
@@ -228,23 +190,20 @@ def prune_checkpoints(rows: list[TrialSummary], space: SearchSpace) -> tuple[int
     return kept, deleted
 
 
-def best_checkpoint(rows: list[TrialSummary], space: SearchSpace) -> tuple[TrialSummary, str | None]:
+def best_trial(rows: list[TrialSummary], space: SearchSpace) -> tuple[TrialSummary, str | None]:
+    """The best trial and its best checkpoint still stored (None: none left)."""
     best = next((t for t in rows if math.isfinite(t.best)), None)
     if best is None:
         raise CheckpointError(f"{space.experiment_path}: no trial reported {space.scheduler.metric}")
-    fs, _ = filesystem(space.experiment_path)
-    path = next((p for _, p in best.checkpoints if _exists(fs, p)), None)
-    return best, path
+    return best, best_checkpoint(best.checkpoints, space.experiment_path)
 
 
 def evaluate_test(space: SearchSpace, path: str) -> dict[str, dict] | None:
     """The best checkpoint on the test split (None when the dataset has no test split)."""
     fs, _ = filesystem(space.experiment_path)
     with tempfile.TemporaryDirectory() as local:
-        if "://" in space.storage_path:  # fetch the checkpoint from remote storage
-            import pyarrow.fs
-
-            pyarrow.fs.copy_files(path, local, source_filesystem=fs)
+        if not is_local(fs):  # fetch the checkpoint from remote storage
+            copy_dir(path, local, source_fs=fs)
             path = local
         try:
             results, _ = evaluate_checkpoint(path, ["test"])
@@ -305,68 +264,70 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     return None if a == b else prefix.rstrip(".") or "(top level)"
 
 
-def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
-    import ray
-    import ray.train
+def open_experiment(space: SearchSpace, resume: bool):
+    """(filesystem, path) of the experiment folder: a new one, or (``--resume``) one started with
+    these very settings."""
+    fs, exp_path = filesystem(space.experiment_path)
+    snapshot = f"{exp_path}/{SNAPSHOT}"
+    if not resume:
+        if exists(fs, exp_path):
+            raise ConfigError(f"name: experiment {space.experiment_path} exists; pass --resume to continue it "
+                              "or --set name=<new name> for a new one")
+        return fs, exp_path
+    if not exists(fs, snapshot):
+        raise ConfigError(f"--resume: no experiment at {space.experiment_path} (nothing to resume)")
+    try:
+        stored = yaml.safe_load(read_text(fs, snapshot))
+    except yaml.YAMLError:
+        raise ConfigError(f"--resume: {space.experiment_path}/{SNAPSHOT} is not valid YAML") from None
+    differs = _first_difference(upgrade_space(stored)[0] if isinstance(stored, dict) else stored, space.to_dict())
+    if differs:
+        raise ConfigError(f"--resume: {differs} differs from the experiment's {SNAPSHOT}; "
+                          "resume with the settings it started with")
+    return fs, exp_path
+
+
+def with_prepared_data(space: SearchSpace) -> SearchSpace:
+    """``space`` whose base reads a prepared dataset: the embedded default is prepared here, once."""
+    from pipelines.default_data import with_prepared_data as prepared
+
+    path = prepared(space.full_config()).data.path
+    PreparedDataset.open(path)  # a bad dataset fails here in one line, not in every trial
+    base = copy.deepcopy(space.base)
+    set_dotted(base, "data.path", path)
+    return dataclasses.replace(space, base=base)
+
+
+def build_tuner(space: SearchSpace, resume: bool, max_concurrent: int):
+    """A new Tuner over the space's trials, or the interrupted experiment restored."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    fs, exp_path = filesystem(space.experiment_path)
-    snapshot, declared = f"{exp_path}/{SNAPSHOT}", space.to_dict()
-    if resume:
-        if not _exists(fs, snapshot):
-            raise ConfigError(f"--resume: no experiment at {space.experiment_path} (nothing to resume)")
-        try:
-            stored = yaml.safe_load(_read_text(fs, snapshot))
-        except yaml.YAMLError:
-            raise ConfigError(f"--resume: {space.experiment_path}/{SNAPSHOT} is not valid YAML") from None
-        differs = _first_difference(stored, declared)
-        if differs:
-            raise ConfigError(f"--resume: {differs} differs from the experiment's {SNAPSHOT}; "
-                              "resume with the settings it started with")
-    elif _exists(fs, exp_path):
-        raise ConfigError(f"name: experiment {space.experiment_path} exists; pass --resume to continue it "
-                          "or --set name=<new name> for a new one")
-
-    if not ray.is_initialized():
-        ray.init(dashboard_host="127.0.0.1", configure_logging=False)
-    cluster = ray.cluster_resources()
-    max_concurrent = concurrency(space, cluster)
-    data_path = str(resolve_dataset(space.full_config().data))  # prepare once, in the driver
-    PreparedDataset.open(data_path)
-    space.base.setdefault("data", {})["path"] = data_path
-
     trainable = tune.with_resources(tune.with_parameters(run_trial, space=space.to_dict()),
                                     {"cpu": space.resources.trial_driver_cpus})
-    started = time.perf_counter()
     if resume:
         if not tune.Tuner.can_restore(space.experiment_path):
             raise ConfigError(f"--resume: {space.experiment_path} holds no Tune experiment state")
-        tuner = tune.Tuner.restore(space.experiment_path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
-    else:
-        _write_text(fs, snapshot, yaml.safe_dump(declared, sort_keys=False))
-        s = space.scheduler
-        tuner = tune.Tuner(
-            trainable, param_space=param_space(space),
-            tune_config=tune.TuneConfig(
-                metric=s.metric, mode="max", num_samples=space.num_samples,
-                search_alg=BasicVariantGenerator(random_state=space.search_seed, max_concurrent=max_concurrent),
-                scheduler=ASHAScheduler(time_attr="epoch", max_t=s.max_t, grace_period=s.grace_period,
-                                        reduction_factor=s.reduction_factor)),
-            run_config=tune.RunConfig(name=space.name, storage_path=space.storage_path, verbose=1,
-                                      callbacks=[CSVLoggerCallback(), JsonLoggerCallback()]))
-    with _environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):  # TensorBoard comes from the trials' own writer
-        results = tuner.fit()
-    elapsed = time.perf_counter() - started
-    unfinished = len(results) - results.num_terminated - results.num_errors
-    if unfinished:  # interrupted (Ctrl-C): keep every checkpoint for --resume
-        print(f"error: interrupted with {unfinished} unfinished trials; continue with --resume", file=sys.stderr)
-        return 1
+        return tune.Tuner.restore(space.experiment_path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    s = space.scheduler
+    return tune.Tuner(
+        trainable, param_space=param_space(space),
+        tune_config=tune.TuneConfig(
+            metric=s.metric, mode="max", num_samples=space.num_samples,
+            search_alg=BasicVariantGenerator(random_state=space.search_seed, max_concurrent=max_concurrent),
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=s.max_t, grace_period=s.grace_period,
+                                    reduction_factor=s.reduction_factor)),
+        run_config=tune.RunConfig(name=space.name, storage_path=space.storage_path, verbose=1,
+                                  callbacks=[CSVLoggerCallback(), JsonLoggerCallback()]))
 
-    rows = summarize(results, space)
+
+def report_results(rows: list[TrialSummary], space: SearchSpace, elapsed: float) -> tuple[str, TrainConfig]:
+    """Prune checkpoints, write the best config and the summary into the experiment folder and
+    evaluate the best checkpoint on the test split; returns (summary text, best config)."""
+    fs, exp_path = filesystem(space.experiment_path)
     kept, deleted = prune_checkpoints(rows, space)
     run_epochs = sum(t.epochs for t in rows)
     budget = len(rows) * space.scheduler.max_t
@@ -376,11 +337,10 @@ def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
               f"({100 * (1 - run_epochs / max(budget, 1)):.0f}% saved)",
               f"checkpoints: kept {kept}, deleted {deleted} (best {space.checkpoints.keep_per_trial} of the best "
               f"{space.checkpoints.keep_trials} trials)"]
-    best, path = best_checkpoint(rows, space)
-    best_cfg = space.trial_config(best.config, epochs=space.base_epochs)
-    best_cfg.storage_path, best_cfg.name = space.storage_path, f"{space.name}-best"
-    best_yaml = f"{exp_path}/{BEST_CONFIG}"
-    _write_text(fs, best_yaml, yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+    best, path = best_trial(rows, space)
+    best_cfg = dataclasses.replace(space.trial_config(best.config, epochs=space.base_epochs),
+                                   storage_path=space.storage_path, name=f"{space.name}-best")
+    write_text(fs, f"{exp_path}/{BEST_CONFIG}", yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
     report += [f"best trial {best.trial_id}: {space.scheduler.metric} {best.best:.2f} with "
                + ", ".join(f"{k}={_fmt(v)}" for k, v in best.config.items()),
                f"best config ({space.base_epochs} epochs): {space.experiment_path}/{BEST_CONFIG}",
@@ -391,26 +351,61 @@ def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
         if test:
             report.append(format_table(test))
     text = "\n".join(report)
-    _write_text(fs, f"{exp_path}/{SUMMARY}", text + "\n")
+    write_text(fs, f"{exp_path}/{SUMMARY}", text + "\n")
+    return text, best_cfg
+
+
+def retrain_best(best_cfg: TrainConfig) -> int:
+    """``--then-train``: the best config to its full budget on every worker the cluster holds."""
+    import ray
+    import ray.train
+
+    from .driver import failure_line, result_checkpoints
+    from .train import fit
+
+    cfg = scale_to_cluster(best_cfg, ray.cluster_resources())
+    print(f"\nretraining the best config for {cfg.optim.epochs} epochs on {cfg.workers} workers "
+          f"(global batch {cfg.data.batch_size}, lr {cfg.optim.lr:g})", flush=True)
+    try:
+        result = fit(cfg)
+    except ray.train.TrainingFailedError as err:
+        print(f"error: retraining failed: {failure_line(err)}", file=sys.stderr)
+        return 1
+    final = best_checkpoint(result_checkpoints(result), cfg.storage_path)
+    if final is None:
+        raise CheckpointError(f"run {result.path!r} reported no checkpoint")
+    table, _ = evaluate_checkpoint(final)
+    print(f"retrained: {final}\n{format_table(table)}")
+    return 0
+
+
+def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
+    """The search, step by step: open (or resume) the experiment, prepare the data, fit the Tuner,
+    summarise and prune, and optionally retrain the best config."""
+    import ray
+
+    from .driver import start_ray
+
+    fs, exp_path = open_experiment(space, resume)
+    start_ray()
+    max_concurrent = concurrency(space, ray.cluster_resources())
+    declared, space = space.to_dict(), with_prepared_data(space)
+    tuner = build_tuner(space, resume, max_concurrent)
+    if not resume:
+        write_text(fs, f"{exp_path}/{SNAPSHOT}", yaml.safe_dump(declared, sort_keys=False))
+    started = time.perf_counter()
+    with _environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):  # TensorBoard comes from the trials' own writer
+        results = tuner.fit()
+    unfinished = len(results) - results.num_terminated - results.num_errors
+    if unfinished:  # interrupted (Ctrl-C): keep every checkpoint for --resume
+        print(f"error: interrupted with {unfinished} unfinished trials; continue with --resume", file=sys.stderr)
+        return 1
+    rows = summarize(results, space)
+    text, best_cfg = report_results(rows, space, time.perf_counter() - started)
     print("\n" + text)
-    failed = sum(t.status == "error" for t in rows)
-
-    if then_train:
-        from .train import best_checkpoint as train_best_checkpoint
-        from .train import failure_line, fit
-
-        cfg = scale_to_cluster(best_cfg, ray.cluster_resources())
-        print(f"\nretraining the best config for {cfg.optim.epochs} epochs on {cfg.workers} workers "
-              f"(global batch {cfg.data.batch_size}, lr {cfg.optim.lr:g})", flush=True)
-        try:
-            result = fit(cfg)
-        except ray.train.TrainingFailedError as err:
-            print(f"error: retraining failed: {failure_line(err)}", file=sys.stderr)
-            return 1
-        final = train_best_checkpoint(result)
-        table, _ = evaluate_checkpoint(final)
-        print(f"retrained: {final}\n{format_table(table)}")
-    return 1 if failed == len(rows) else 0
+    if then_train and (code := retrain_best(best_cfg)):
+        return code
+    return 1 if all(t.status == "error" for t in rows) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(space, resolve_trials(space)))
             return 0
         return run(space, args.resume, args.then_train)
-    except (ConfigError, CheckpointError, DatasetError) as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,8 @@ import numpy as np
 from paco_ray.data.longtail import exponential_profile, longtail_split, scaled_shot_thresholds
 from paco_ray.data.sources import cifar_images, load_cifar_batch
 
+from paco_ray.errors import MissingInputError
+
 from .writer import PipelineError, Sample, run_cli, write_prepared
 
 LAYOUTS = {  # variant -> (train files, test file, meta file, label key, names key)
@@ -30,7 +32,7 @@ def detect_variant(src: Path) -> str:
     for variant, (train, test, meta, *_) in LAYOUTS.items():
         if (src / meta).is_file() and (src / test).is_file():
             return variant
-    raise FileNotFoundError(f"--src {src}: neither a cifar-10-batches-py nor a cifar-100-python directory "
+    raise MissingInputError(f"--src {src}: neither a cifar-10-batches-py nor a cifar-100-python directory "
                             "(batches.meta + test_batch, or meta + test)")
 
 
@@ -43,7 +45,7 @@ def _read(src: Path, files: list[str], label_key: str) -> tuple[list[str], np.nd
     for name in files:
         path = src / name
         if not path.is_file():
-            raise FileNotFoundError(f"--src: {path} not found")
+            raise MissingInputError(f"--src: {path} not found")
         try:
             batch = load_cifar_batch(path)
             batch_images, batch_labels = cifar_images(batch), np.asarray(batch[label_key], dtype=np.int64)
@@ -103,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--imbalance-factor", type=float, default=100.0, help="10, 50 or 100 in the literature")
     parser.add_argument("--max-per-class", type=int, help="head-class size (default: per-class count - val)")
     parser.add_argument("--val-per-class", type=int, help="validation images per class (default: 4%%)")
-    parser.add_argument("--seed", type=int, default=0, help="unused: the split takes images in file order")
     parser.add_argument("--force", action="store_true", help="rebuild even if --out is prepared")
     args = parser.parse_args(argv)
     return run_cli(lambda a: prepare(a.src, a.out, imbalance_factor=a.imbalance_factor, max_per_class=a.max_per_class,

@@ -15,13 +15,15 @@ from pathlib import Path
 from paco_ray.data.longtail import FEW_SHOT, MANY_SHOT
 from paco_ray.data.sources import read_source
 
+from paco_ray.errors import MissingInputError
+
 from .writer import PipelineError, Sample, run_cli, write_prepared
 
 
 def read_list(list_file: Path, root: Path, num_classes: int | None) -> list[Sample]:
     """Parse a list file; each error names the file and line."""
     if not list_file.is_file():
-        raise FileNotFoundError(f"list file {list_file} not found")
+        raise MissingInputError(f"list file {list_file} not found")
     samples = []
     for number, line in enumerate(list_file.read_text().splitlines(), start=1):
         if not line.strip():
@@ -48,7 +50,7 @@ def read_list(list_file: Path, root: Path, num_classes: int | None) -> list[Samp
 def read_class_names(path: Path) -> list[str]:
     """One name per line, optionally prefixed by its id ("0 tench")."""
     if not path.is_file():
-        raise FileNotFoundError(f"--class-names {path} not found")
+        raise MissingInputError(f"--class-names {path} not found")
     names = []
     for line in path.read_text().splitlines():
         if line.strip():
@@ -62,7 +64,7 @@ def prepare(root: str | Path, out: str | Path, *, train_list: str | Path, val_li
             max_resolution: int = 256, skip_bad: bool = False, force: bool = False, num_workers: int = 1) -> Path:
     root = Path(root).resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"--root {root} is not a directory")
+        raise MissingInputError(f"--root {root} is not a directory")
     names = read_class_names(Path(class_names)) if class_names else None
     lists = {"train": Path(train_list), "val": Path(val_list)} | ({"test": Path(test_list)} if test_list else {})
     splits = {split: read_list(path, root, len(names) if names else None) for split, path in lists.items()}

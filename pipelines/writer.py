@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from paco_ray.data.longtail import shot_group
+from paco_ray.errors import InputError
 
 FORMAT_VERSION = 1  # bump when the layout of a prepared directory changes
 FINGERPRINT_KEY = b"paco_ray.fingerprint"
@@ -34,7 +35,7 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 
-class PipelineError(ValueError):
+class PipelineError(InputError):
     """Bad input to a pipeline; the message names the culprit (file, line, class or directory)."""
 
 
@@ -200,10 +201,10 @@ def write_prepared(out: str | Path, *, fingerprint: dict, class_names: Sequence[
 
 
 def run_cli(prepare: Callable[..., Path], args) -> int:
-    """Shared CLI tail: run a pipeline, turning PipelineError/FileNotFoundError into one line."""
+    """Shared CLI tail: run a pipeline, turning bad input into one line."""
     try:
         prepare(args)
-    except (PipelineError, FileNotFoundError) as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

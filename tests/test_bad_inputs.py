@@ -85,7 +85,7 @@ def bad_label_list(scratch, label):
 
 
 CASES = [  # (id, command, argv(workspace, scratch), what the one line must say)
-    ("train-unknown-key", train_cli, lambda w, s: ["--set", "paco.tau=1"], "unknown config key paco.tau"),
+    ("train-unknown-key", train_cli, lambda w, s: ["--set", "paco.tau=1"], "unknown key paco.tau"),
     ("train-zero-temperature", train_cli, lambda w, s: ["--set", "paco.temperature=0"], "paco.temperature: must be > 0"),
     ("train-batch-not-divisible", train_cli, lambda w, s: ["--set", "data.batch_size=129"],
      "data.batch_size: must be divisible by workers=2"),

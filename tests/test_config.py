@@ -7,7 +7,7 @@ from paco_ray.config import ConfigError, TrainConfig, apply_overrides, load_conf
 
 def test_defaults_are_valid_and_round_trip():
     cfg = load_config()
-    assert cfg.loss == "paco" and cfg.data.dataset == "fashion_mnist_lt"
+    assert cfg.loss == "paco" and cfg.data.path == "" and cfg.default_data.imbalance_factor == 100
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.storage_path.startswith("/")
 
@@ -36,7 +36,8 @@ def test_yaml_file_and_overrides(tmp_path):
     ("workers=0", "workers"),
     ("data.batch_size=0", "data.batch_size"),
     ("data.batch_size=129", "data.batch_size"),  # not divisible by 2 workers
-    ("data.imbalance_factor=0.5", "data.imbalance_factor"),
+    ("default_data.imbalance_factor=0.5", "default_data.imbalance_factor"),
+    ("data.imbalance_factor=0.5", "default_data.imbalance_factor"),  # the old name still works
     ("data.dataset=imagenet", "data.dataset"),
     ("model.backbone=vgg16", "model.backbone"),
     ("optim.lr=0", "optim.lr"),
@@ -57,7 +58,7 @@ def test_bad_values_name_the_key(override, key):
 
 
 def test_unknown_key_suggests_the_close_one():
-    with pytest.raises(ConfigError, match=r"unknown config key paco\.alpah \(did you mean paco\.alpha\?\)"):
+    with pytest.raises(ConfigError, match=r"unknown key paco\.alpah \(did you mean paco\.alpha\?\)"):
         load_config(None, ["paco.alpah=0.1"])
 
 
@@ -95,3 +96,17 @@ def test_shipped_example_config_is_the_embedded_default():
     from pathlib import Path
     example = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist_lt.yaml"
     assert load_config(example) == load_config()
+
+
+def test_renamed_keys_still_work_with_one_deprecation_line_each(capsys, tmp_path):
+    cfg = load_config(None, ["data.imbalance_factor=10", "data.cache_dir=/tmp/c", "data.dataset=fashion_mnist_lt"])
+    assert cfg.default_data.imbalance_factor == 10 and cfg.default_data.cache_dir == "/tmp/c"
+    assert cfg == load_config(None, ["default_data.imbalance_factor=10", "default_data.cache_dir=/tmp/c"])
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: data.dataset is deprecated and ignored (an empty data.path means the embedded default)",
+                   "warning: data.imbalance_factor is deprecated; use default_data.imbalance_factor",
+                   "warning: data.cache_dir is deprecated; use default_data.cache_dir"]
+    # a checkpoint written before the rename still loads, silently
+    old = load_config().to_dict()
+    old["data"].update(old.pop("default_data"), dataset="fashion_mnist_lt")
+    assert TrainConfig.from_dict(old) == load_config() and capsys.readouterr().err == ""

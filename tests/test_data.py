@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from paco_ray.config import DataConfig
-from paco_ray.data.datasets import fashion_mnist_lt
 from paco_ray.data.idx import read_idx, write_idx
 from paco_ray.data.loaders import build_loaders
 from paco_ray.data.prepared import PreparedDataset
 from conftest import make_fashion_root
+from pipelines.fashion_mnist import fashion_mnist_lt
 from paco_ray.data.longtail import ClassInfo, exponential_profile, longtail_split, scaled_shot_thresholds
 
 REAL_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -82,10 +82,10 @@ def test_fashion_mnist_lt_on_generated_idx_files(tmp_path):
 
 
 def test_fashion_mnist_lt_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data.root: .*train-images-idx3-ubyte"):
+    with pytest.raises(FileNotFoundError, match="--src: .*train-images-idx3-ubyte"):
         fashion_mnist_lt(tmp_path)
     root, *_ = make_fashion_root(tmp_path)
-    with pytest.raises(ValueError, match="data.max_per_class/data.val_per_class: class 0 has 30 images"):
+    with pytest.raises(ValueError, match="--max-per-class/--val-per-class: class 0 has 30 images"):
         fashion_mnist_lt(root, max_per_class=28, val_per_class=5)
     with gzip.open(root / "train-labels-idx1-ubyte.gz", "wb") as f:
         f.write(bytes([0, 0, 8, 1]) + (300).to_bytes(4, "big") + bytes([12] * 300))

@@ -4,16 +4,19 @@ import math
 import torch
 
 from paco_ray.data.longtail import ClassInfo
+from paco_ray.model import PaCoOutput
 from paco_ray.evaluate import format_table, metrics_from_counts, per_class_counts
 
 
 class FixedLogits(torch.nn.Module):
+    """A model whose output (a PaCoOutput, as PaCoModel's) is a fixed logit row per input index."""
+
     def __init__(self, logits):
         super().__init__()
-        self.logits = logits
+        self.table = logits
 
     def forward(self, index):
-        return self.logits[index.view(-1).long()]
+        return PaCoOutput(self.table[index.view(-1).long()])
 
 
 def test_metrics_match_direct_computation():

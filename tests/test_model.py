@@ -56,17 +56,31 @@ def test_forward_returns_snapshot_then_enqueues():
     assert model.queue.filled().item() == 4 and out.q.requires_grad and not out.k.requires_grad
     out2 = model(x, x, labels)
     assert (out2.queue_labels >= 0).sum() == 4
-    assert model(x).shape == (4, 3)  # inference: logits only
+    inference = model(x)  # no key view: logits only, nothing enqueued
+    assert inference.logits.shape == (4, 3) and inference.q is None and model.queue.filled().item() == 5
 
 
 def test_gpaco_has_no_key_encoder_and_baselines_no_queue():
-    gpaco = PaCoModel("resnet_small28", 3, 1, 8, 5, key_encoder="shared")
+    gpaco = PaCoModel("resnet_small28", 3, 1, 8, 5, key_source="query")
     assert not hasattr(gpaco, "key_encoder") and hasattr(gpaco, "queue")
     out = gpaco(torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))
     assert not out.k.requires_grad
-    baseline = PaCoModel("resnet_small28", 3, 1, key_encoder=None)
+    baseline = PaCoModel("resnet_small28", 3, 1, key_source=None)
     assert not hasattr(baseline, "queue")
-    assert baseline(torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28), torch.tensor([0, 1])).shape == (2, 3)
+    out = baseline(torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))
+    assert out.logits.shape == (2, 3) and out.q is None and out.queue_keys is None
+
+
+@pytest.mark.parametrize("loss,key_source", [("paco", "momentum"), ("gpaco", "query"), ("ce", None),
+                                              ("balanced_softmax", None)])
+def test_from_config_picks_the_key_source_of_the_loss(loss, key_source):
+    from paco_ray.config import load_config
+
+    cfg = load_config(None, [f"loss={loss}", "paco.queue_size=37", "model.proj_dim=16"])
+    model = PaCoModel.from_config(cfg, num_classes=10, in_channels=1)
+    assert model.key_source == key_source and hasattr(model, "key_encoder") == (key_source == "momentum")
+    if key_source:
+        assert model.queue.keys.shape == (37, 16) and model.momentum == cfg.paco.momentum
 
 
 @pytest.mark.parametrize("name,channels,size,dim", [
@@ -103,3 +117,11 @@ def test_enqueue_gathers_across_two_gloo_processes(tmp_path):
     for n, (value, label) in enumerate(order[-5:], start=len(order) - 5):
         assert q0["keys"][n % 5, 0].item() == value and q0["labels"][n % 5].item() == label
     assert q0["ptr"].item() == 8 % 5
+
+
+def test_queue_stores_non_finite_keys_as_empty_slots():
+    queue = KeyQueue(4, 2)
+    keys = torch.tensor([[1.0, 0.0], [float("nan"), 0.0], [0.0, float("inf")]])
+    queue.enqueue(keys, torch.tensor([3, 4, 5]))
+    assert queue.labels.tolist() == [3, -1, -1, -1] and torch.isfinite(queue.keys).all()
+    assert queue.ptr.item() == 3

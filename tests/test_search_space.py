@@ -84,7 +84,7 @@ def _with(path: str, value):
 
 BAD = [
     (_with("serach", {}), "unknown key serach (did you mean search?)"),
-    (_with("search/paco/temprature", {"uniform": [0.1, 0.2]}), "search.paco.temprature: unknown config key (did you mean search.paco.temperature?)"),
+    (_with("search/paco/temprature", {"uniform": [0.1, 0.2]}), "unknown key search.paco.temprature (did you mean search.paco.temperature?)"),
     (_with("search/paco/temperature", {"normal": [0.1, 0.2]}), "search.paco.temperature: expected one sampling primitive"),
     (_with("search/paco/temperature", {"uniform": [0.1]}), "search.paco.temperature: uniform takes a list of 2 numbers"),
     (_with("search/paco/temperature", {"uniform": [0.3, 0.1]}), "search.paco.temperature: uniform needs low < high"),
@@ -102,7 +102,7 @@ BAD = [
     (_with("search/optim/epochs", {"choice": [1, 2]}), "search.optim.epochs: trial length is scheduler.max_t"),
     (_with("search", {}), "search: expected a mapping of config keys"),
     (_with("base/workers", 2), "base.workers: set it as resources.workers in a search space"),
-    (_with("base/paco/tau", 2), "base: unknown config key paco.tau"),
+    (_with("base/paco/tau", 2), "base: unknown key paco.tau"),
     (_with("scheduler/metric", "test_top1"), "scheduler.metric: must be one of val_balanced_acc"),
     (_with("scheduler/mode", "min"), "scheduler.mode: val_balanced_acc is an accuracy and is maximised"),
     (_with("scheduler/max_t", 5), "scheduler.max_t: must be in [1, base.optim.epochs=4]"),

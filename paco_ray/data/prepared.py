@@ -3,16 +3,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow.parquet as pq
 
+from ..errors import InputError
 from .longtail import ClassInfo
 
-MEANS = {1: ((0.2860,), (0.3530,)),                                    # Fashion-MNIST
-         3: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}            # ImageNet statistics
+
+class Normalization(NamedTuple):
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
-class DatasetError(ValueError):
+NORMALIZATION = {1: Normalization((0.2860,), (0.3530,)),                             # Fashion-MNIST
+                 3: Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}     # ImageNet statistics
+
+
+class DatasetError(InputError):
     """A prepared dataset that cannot be used; the message names the file."""
 
 
@@ -27,11 +35,11 @@ class PreparedDataset:
 
     @property
     def mean(self) -> tuple[float, ...]:
-        return MEANS[self.channels][0]
+        return NORMALIZATION[self.channels].mean
 
     @property
     def std(self) -> tuple[float, ...]:
-        return MEANS[self.channels][1]
+        return NORMALIZATION[self.channels].std
 
     def size(self, split: str) -> int:
         return len(self.labels[split])
@@ -67,27 +75,3 @@ class PreparedDataset:
                 raise DatasetError(f"data.path: {path / f'{split}.beton'} missing")
         return cls(path, classes, int(meta.get(b"paco_ray.channels", b"3")), sources, labels,
                    int(meta.get(b"paco_ray.image_size", b"0")))
-
-
-def default_dataset_dir(data_cfg) -> Path:
-    """Where the embedded default is cached, named by the settings that shape it."""
-    name = (f"{data_cfg.dataset}-if{data_cfg.imbalance_factor:g}-max{data_cfg.max_per_class}"
-            f"-val{data_cfg.val_per_class}")
-    return Path(data_cfg.cache_dir).expanduser().resolve() / name
-
-
-def resolve_dataset(data_cfg) -> Path:
-    """``data.path``, or the embedded default, prepared once (a no-op when already cached)."""
-    if data_cfg.path:
-        return Path(data_cfg.path)
-    from pipelines.fashion_mnist import write
-
-    from .datasets import fashion_mnist_lt
-
-    try:  # fashion_mnist_lt already names the data.* keys in its errors
-        data = fashion_mnist_lt(data_cfg.root, data_cfg.imbalance_factor, data_cfg.max_per_class,
-                                data_cfg.val_per_class)
-        return write(data, data_cfg.root, default_dataset_dir(data_cfg), imbalance_factor=data_cfg.imbalance_factor,
-                     max_per_class=data_cfg.max_per_class, val_per_class=data_cfg.val_per_class)
-    except (ValueError, FileNotFoundError) as err:
-        raise DatasetError(str(err)) from None

@@ -1,0 +1,62 @@
+"""Where results live: a local directory or an object-store URI (s3://, gs://, any filesystem
+pyarrow resolves), read and written through pyarrow filesystems."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .schema import ConfigError
+
+
+def absolute_storage(path: str) -> str:
+    """Ray needs absolute storage paths; URIs (s3://, gs://) pass through."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def check_no_credentials(key: str, uri: str) -> None:
+    """Refuse ``scheme://user:secret@host/...``: checkpoints, logs and Tune's files record the
+    value. The message does not echo it."""
+    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+        raise ConfigError(f"{key}: a {uri.split('://', 1)[0]}:// URI must not carry credentials (user:secret@); "
+                          "give them through the environment or the machine's role instead")
+
+
+def filesystem(uri_or_path: str):
+    """(pyarrow filesystem, path inside it) for a local path or an s3:// gs:// ... URI."""
+    import pyarrow.fs
+
+    if "://" in uri_or_path:
+        return pyarrow.fs.FileSystem.from_uri(uri_or_path)
+    return pyarrow.fs.LocalFileSystem(), uri_or_path
+
+
+def is_local(fs) -> bool:
+    import pyarrow.fs
+
+    return isinstance(fs, pyarrow.fs.LocalFileSystem)
+
+
+def exists(fs, path: str) -> bool:
+    import pyarrow.fs
+
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def write_text(fs, path: str, text: str) -> None:
+    """Write ``text`` to a temporary name, then move it over ``path``."""
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path + ".tmp") as stream:
+        stream.write(text.encode())
+    fs.move(path + ".tmp", path)
+
+
+def read_text(fs, path: str) -> str:
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def copy_dir(source: str, destination: str, *, source_fs=None, destination_fs=None) -> None:
+    """Copy a directory tree between filesystems (local <-> object storage)."""
+    import pyarrow.fs
+
+    pyarrow.fs.copy_files(source, destination, source_filesystem=source_fs, destination_filesystem=destination_fs)
