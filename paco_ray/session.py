@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .checkpoint import load_state, save_state
+from .storage import filesystem
 from .telemetry import RayMetrics, TensorBoard
 
 
@@ -24,9 +25,7 @@ class LocalSession:
         self.reports: list[dict[str, Any]] = []
 
     def telemetry(self) -> tuple[TensorBoard | None, RayMetrics | None]:
-        import pyarrow.fs
-
-        return TensorBoard(pyarrow.fs.LocalFileSystem(), str(self.out_dir / "tensorboard")), None
+        return TensorBoard(*filesystem(str(self.out_dir / "tensorboard"))), None
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)

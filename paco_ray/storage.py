@@ -41,6 +41,14 @@ def exists(fs, path: str) -> bool:
     return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
+def subdirectories(fs, path: str) -> list[str]:
+    """Paths of the directories directly inside ``path``."""
+    import pyarrow.fs
+
+    return [info.path for info in fs.get_file_info(pyarrow.fs.FileSelector(path))
+            if info.type == pyarrow.fs.FileType.Directory]
+
+
 def write_text(fs, path: str, text: str) -> None:
     """Write ``text`` to a temporary name, then move it over ``path``."""
     parent = path.rsplit("/", 1)[0]

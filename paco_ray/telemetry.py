@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .data.longtail import ClassInfo
+from .storage import copy_dir, is_local
 
 # reported metric -> (Ray gauge name, description); exported to Prometheus as ray_<name>
 GAUGES = {
@@ -79,11 +80,10 @@ class TensorBoard:
     is written through a local directory that is copied after every flush)."""
 
     def __init__(self, filesystem, path: str):
-        import pyarrow.fs
         from tensorboardX import SummaryWriter
 
         self.fs, self.path = filesystem, path
-        self.local = isinstance(filesystem, pyarrow.fs.LocalFileSystem)
+        self.local = is_local(filesystem)
         self.dir = path if self.local else tempfile.mkdtemp(prefix="paco_tb_")
         self.writer = SummaryWriter(self.dir)
 
@@ -98,9 +98,7 @@ class TensorBoard:
                                   dataformats="HWC")
         self.writer.flush()
         if not self.local:
-            import pyarrow.fs
-
-            pyarrow.fs.copy_files(self.dir, self.path, destination_filesystem=self.fs)
+            copy_dir(self.dir, self.path, destination_fs=self.fs)
 
     def close(self) -> None:
         self.writer.close()

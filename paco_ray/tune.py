@@ -32,7 +32,7 @@ from .errors import InputError
 from .evaluate import evaluate_checkpoint, format_table
 from .schema import ConfigError, flatten, set_dotted
 from .search_space import SearchSpace, load_space, param_space, parse, resolve_trials, upgrade_space
-from .storage import copy_dir, exists, filesystem, is_local, read_text, write_text
+from .storage import copy_dir, exists, filesystem, is_local, read_text, subdirectories, write_text
 
 SNAPSHOT = "search_space.yaml"
 BEST_CONFIG = "best_config.yaml"
@@ -165,8 +165,6 @@ def prune_checkpoints(rows: list[TrialSummary], space: SearchSpace) -> tuple[int
     """Apply the checkpoint policy: the best ``keep_per_trial`` checkpoints of the best
     ``keep_trials`` trials survive; every other checkpoint directory is deleted, except those of
     errored trials (``--resume`` retries them from their last checkpoint). Returns (kept, deleted)."""
-    import pyarrow.fs
-
     fs, root = filesystem(space.experiment_path)
     kept = deleted = 0
     ranked = [t for t in rows if math.isfinite(t.best)]
@@ -179,13 +177,13 @@ def prune_checkpoints(rows: list[TrialSummary], space: SearchSpace) -> tuple[int
         run_dir = f"{root}/train/{t.trial_id}"
         if t.status == "error" or not exists(fs, run_dir):
             continue
-        for info in fs.get_file_info(pyarrow.fs.FileSelector(run_dir)):
-            if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+        for path in subdirectories(fs, run_dir):
+            if not path.rsplit("/", 1)[-1].startswith("checkpoint_"):
                 continue
-            if info.path in keep:
+            if path in keep:
                 kept += 1
             else:
-                fs.delete_dir(info.path)
+                fs.delete_dir(path)
                 deleted += 1
     return kept, deleted
 

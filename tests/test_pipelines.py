@@ -56,6 +56,23 @@ def test_fashion_mnist_manifest_classes_and_round_trip(tmp_path, ffcv_uncompiled
         assert_round_trip(out, split)
 
 
+
+def test_a_shot_group_edited_by_hand_is_refused(tiny_dataset, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+
+    copy = tmp_path / "edited"
+    shutil.copytree(tiny_dataset, copy)
+    table = pq.read_table(copy / "classes.parquet")
+    groups = table.column("shot_group").to_pylist()
+    assert groups == PreparedDataset.open(tiny_dataset).classes.shot_groups()  # what the writer recorded
+    groups[0] = "few" if groups[0] != "few" else "many"
+    table = table.set_column(table.schema.get_field_index("shot_group"), "shot_group", pa.array(groups))
+    pq.write_table(table, copy / "classes.parquet")
+    with pytest.raises(DatasetError, match=r"classes.parquet: class 'T-shirt/top' is recorded as '(few|many)' but"):
+        PreparedDataset.open(copy)
+
 def test_rerun_is_a_noop_force_rebuilds_and_other_sources_are_refused(tmp_path, capsys):
     root, _, _ = make_fashion_root(tmp_path / "src")
     out = tmp_path / "out"

@@ -64,6 +64,10 @@ class PreparedDataset:
         meta = classes_table.schema.metadata or {}
         classes = ClassInfo(tuple(c["name"]), tuple(c["train_count"]), int(c["many_threshold"][0]),
                             int(c["few_threshold"][0]))
+        for name, recorded, derived in zip(classes.names, c["shot_group"], classes.shot_groups()):
+            if recorded != derived:  # the table was edited by hand: counts and groups disagree
+                raise DatasetError(f"data.path: {path / 'classes.parquet'}: class {name!r} is recorded as "
+                                   f"{recorded!r} but its training count and thresholds make it {derived!r}")
         m = manifest.filter(manifest.column("skipped").to_numpy(zero_copy_only=False) == False).to_pydict()  # noqa: E712
         sources: dict[str, list[str]] = {}
         labels: dict[str, list[int]] = {}
