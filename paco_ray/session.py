@@ -16,15 +16,18 @@ from .telemetry import RayMetrics, TensorBoard
 
 
 class LocalSession:
-    """One in-process worker: checkpoints go to ``out_dir/epoch_NNNN``; metrics are kept in a list."""
+    """One in-process worker: checkpoints go to ``out_dir/epoch_NNNN``; metrics are kept in a list;
+    TensorBoard files (unless ``tensorboard=False``) in ``out_dir/tensorboard``."""
 
     def __init__(self, out_dir: str | os.PathLike, resume_from: str | os.PathLike | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", tensorboard: bool = True):
         self.rank, self.world_size, self.device = 0, 1, torch.device(device)
-        self.out_dir, self.resume_from = Path(out_dir), resume_from
+        self.out_dir, self.resume_from, self.tensorboard = Path(out_dir), resume_from, tensorboard
         self.reports: list[dict[str, Any]] = []
 
     def telemetry(self) -> tuple[TensorBoard | None, RayMetrics | None]:
+        if not self.tensorboard:
+            return None, None
         return TensorBoard(*filesystem(str(self.out_dir / "tensorboard"))), None
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
