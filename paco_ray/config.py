@@ -25,7 +25,8 @@ PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 
 @dataclass
 class DataConfig:
-    path: str = ""  # prepared dataset directory (python -m pipelines.*); empty: the embedded default
+    path: str = ""  # prepared dataset directory or URI (python -m pipelines.*); empty: the embedded default
+    stage_dir: str = ""  # node-local copy of a dataset in object storage; empty: $PACO_RAY_STAGE_DIR or ~/.cache
     batch_size: int = 128  # global, split evenly across workers
     eval_batch_size: int = 1024
     num_workers: int = 0  # loader workers per training worker; 0: FFCV uses the worker's CPUs, torch loads in-process
@@ -155,8 +156,6 @@ def _check(ok: bool, key: str, message: str, value: Any) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Reject values that cannot train; each message names the key."""
-    from .backbones import BACKBONES
-
     _check(cfg.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}", cfg.loss)
     _check(cfg.workers >= 1, "workers", "must be >= 1", cfg.workers)
     _check(cfg.cpus_per_worker > 0, "cpus_per_worker", "must be > 0", cfg.cpus_per_worker)
@@ -169,8 +168,13 @@ def validate(cfg: TrainConfig) -> None:
            cfg.placement_strategy)
     _check(bool(cfg.storage_path), "storage_path", "must not be empty", cfg.storage_path)
     check_no_credentials("storage_path", cfg.storage_path)
+    check_no_credentials("data.path", cfg.data.path)
     _check("/" not in cfg.name, "name", "must not contain '/'", cfg.name)
+    _validate_data(cfg)
+    _validate_model_and_optim(cfg)
 
+
+def _validate_data(cfg: TrainConfig) -> None:
     d = cfg.data
     _check(d.loader in LOADERS, "data.loader", f"must be one of {', '.join(LOADERS)}", d.loader)
     _check(d.augment in AUGMENTS, "data.augment", f"must be one of {', '.join(AUGMENTS)}", d.augment)
@@ -191,6 +195,10 @@ def validate(cfg: TrainConfig) -> None:
     _check(e.imbalance_factor >= 1, "default_data.imbalance_factor", "must be >= 1", e.imbalance_factor)
     _check(e.max_per_class >= 1, "default_data.max_per_class", "must be >= 1", e.max_per_class)
     _check(e.val_per_class >= 1, "default_data.val_per_class", "must be >= 1", e.val_per_class)
+
+
+def _validate_model_and_optim(cfg: TrainConfig) -> None:
+    from .backbones import BACKBONES
 
     m = cfg.model
     _check(m.backbone in BACKBONES, "model.backbone", f"must be one of {', '.join(BACKBONES)}", m.backbone)
@@ -218,7 +226,7 @@ def validate(cfg: TrainConfig) -> None:
 # What may change between a checkpoint and the run that resumes from it: resources, I/O, logging.
 RESUME_MAY_CHANGE = {"workers", "cpus_per_worker", "use_gpu", "amp", "amp_dtype", "storage_path", "name",
                      "keep_checkpoints", "max_failures", "log_level", "placement_strategy", "skip_nonfinite",
-                     "resume_override", "data.num_workers", "data.eval_batch_size",
+                     "resume_override", "data.num_workers", "data.eval_batch_size", "data.stage_dir",
                      *(f"default_data.{f.name}" for f in dataclasses.fields(DefaultDataConfig))}
 
 
@@ -240,7 +248,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         sys.stderr.write(f"warning: {note}\n")
     cfg = TrainConfig.from_dict(raw)
     # absolute: Ray and Tune change the working directory
-    data = dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).expanduser().resolve()) if cfg.data.path else "")
+    data = dataclasses.replace(cfg.data, path=absolute_storage(cfg.data.path) if cfg.data.path else "")
     return dataclasses.replace(cfg, storage_path=absolute_storage(cfg.storage_path), data=data)
 
 

@@ -82,17 +82,22 @@ def format_per_class(metrics: dict, classes: ClassInfo) -> str:
 
 
 def evaluate_checkpoint(path: str, splits: list[str] | None = None) -> tuple[dict[str, dict], ClassInfo]:
-    """Rebuild the model and data named by a checkpoint and evaluate it on ``splits``
-    (default: val and, when the dataset has one, test)."""
+    """Rebuild the model and data named by a checkpoint (a directory, a state.pt, or a URI in object
+    storage) and evaluate it on ``splits`` (default: val and, when the dataset has one, test)."""
+    import tempfile
+
     from .checkpoint import load_model_weights, load_state
     from .config import TrainConfig
     from .data.loaders import build_loaders
     from .data.prepared import DatasetError, PreparedDataset
+    from .data.staging import local_dataset
     from .model import PaCoModel
+    from .storage import fetch_dir
 
-    state = load_state(path)
+    with tempfile.TemporaryDirectory() as local:
+        state = load_state(fetch_dir(path, local))
     cfg = TrainConfig.from_dict(state["config"])
-    data = PreparedDataset.open(cfg.data.path)
+    data = PreparedDataset.open(local_dataset(cfg.data.path, cfg.data.stage_dir))
     if splits is None:
         splits = [s for s in ("val", "test") if s in data.labels]
     missing = [s for s in splits if s not in data.labels]

@@ -219,7 +219,7 @@ def _parse_base(base: Any) -> tuple[dict[str, Any], TrainConfig]:
     except ConfigError as err:
         raise ConfigError(f"base: {err}") from None
     if base_cfg.data.path:  # absolute: Tune changes the working directory
-        set_dotted(base, "data.path", str(Path(base_cfg.data.path).expanduser().resolve()))
+        set_dotted(base, "data.path", absolute_storage(base_cfg.data.path))
     return base, base_cfg
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import MissingInputError
 from .schema import ConfigError
+
+
+def is_uri(path: str) -> bool:
+    """Whether ``path`` names object storage (``s3://``, ``gs://``, ...) rather than a local path."""
+    return "://" in str(path) and not str(path).startswith("file://")
 
 
 def absolute_storage(path: str) -> str:
@@ -18,6 +24,29 @@ def check_no_credentials(key: str, uri: str) -> None:
     if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
         raise ConfigError(f"{key}: a {uri.split('://', 1)[0]}:// URI must not carry credentials (user:secret@); "
                           "give them through the environment or the machine's role instead")
+
+
+def to_uri(storage: str, fs_path: str) -> str:
+    """The URI (or local path) of ``fs_path``, a path inside the filesystem of ``storage``."""
+    return f"{storage.split('://', 1)[0]}://{fs_path}" if is_uri(storage) else fs_path
+
+
+def fetch_dir(uri_or_path: str, local: str) -> str:
+    """A local directory with the contents of ``uri_or_path``: itself when local, else copied into ``local``."""
+    import pyarrow.fs
+
+    if not is_uri(uri_or_path):
+        return uri_or_path
+    fs, path = filesystem(uri_or_path)
+    info = fs.get_file_info(path)
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise MissingInputError(f"{uri_or_path} does not exist")
+    if info.type == pyarrow.fs.FileType.File:
+        target = f"{local}/{info.base_name}"
+        pyarrow.fs.copy_files(path, target, source_filesystem=fs)
+        return target
+    copy_dir(path, local, source_fs=fs)
+    return local
 
 
 def filesystem(uri_or_path: str):

@@ -27,6 +27,7 @@ from .config import TrainConfig, load_config
 from .data.loaders import build_loaders
 from .data.longtail import ClassInfo
 from .data.prepared import DatasetError, PreparedDataset
+from .data.staging import check_dataset, local_dataset
 from .errors import InputError
 from .evaluate import evaluate_split
 from .faults import KillPlan
@@ -54,10 +55,11 @@ def log_class_prior(classes: ClassInfo, device: torch.device) -> torch.Tensor:
 
 
 def open_dataset(cfg: TrainConfig) -> PreparedDataset:
+    """The prepared dataset of ``cfg``; one in object storage is staged into this node's cache first."""
     if not cfg.data.path:
         raise DatasetError("data.path: empty; prepare a dataset with python -m pipelines... (python -m "
                            "paco_ray.train prepares the embedded default itself)")
-    return PreparedDataset.open(cfg.data.path)
+    return PreparedDataset.open(local_dataset(cfg.data.path, cfg.data.stage_dir))
 
 
 @dataclass
@@ -213,7 +215,7 @@ def fit(cfg: TrainConfig):
     ``storage_path/run_name``; re-running the same name resumes from its last checkpoint."""
     from .driver import run_trainer
 
-    PreparedDataset.open(cfg.data.path)  # a bad dataset fails here in one line, not in every worker
+    check_dataset(cfg.data.path)  # a bad dataset fails here in one line, not in every worker
     return run_trainer(train_loop_per_worker, cfg, name=cfg.run_name, storage_path=cfg.storage_path,
                        keep=cfg.keep_checkpoints)
 
@@ -249,6 +251,7 @@ def run(cfg: TrainConfig) -> int:
 
     from .driver import best_checkpoint, check_fits_cluster, failure_line, result_checkpoints, start_ray
     from .evaluate import evaluate_checkpoint, format_table
+    from .storage import to_uri
 
     started = time.perf_counter()
     cfg = with_prepared_data(cfg)  # once, here in the driver
@@ -263,7 +266,7 @@ def run(cfg: TrainConfig) -> int:
     path = best_checkpoint(result_checkpoints(result), cfg.storage_path)
     if path is None:
         raise InputError(f"run {result.path!r} reported no checkpoint")
-    table, _ = evaluate_checkpoint(path)
+    table, _ = evaluate_checkpoint(to_uri(cfg.storage_path, path))
     print(f"\n{cfg.run_name}: loss={cfg.loss}, {cfg.optim.epochs} epochs, {cfg.workers} workers, "
           f"{time.perf_counter() - started:.0f} s")
     print(f"best checkpoint (val balanced accuracy): {path}")

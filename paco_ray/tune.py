@@ -26,13 +26,14 @@ import yaml
 
 from .checkpoint import CheckpointError
 from .config import TrainConfig
-from .data.prepared import DatasetError, PreparedDataset
+from .data.prepared import DatasetError
+from .data.staging import check_dataset
 from .driver import best_checkpoint, copies_that_fit
 from .errors import InputError
 from .evaluate import evaluate_checkpoint, format_table
 from .schema import ConfigError, flatten, set_dotted
 from .search_space import SearchSpace, load_space, param_space, parse, resolve_trials, upgrade_space
-from .storage import copy_dir, exists, filesystem, is_local, read_text, subdirectories, write_text
+from .storage import copy_dir, exists, filesystem, is_local, read_text, subdirectories, to_uri, write_text
 
 SNAPSHOT = "search_space.yaml"
 BEST_CONFIG = "best_config.yaml"
@@ -290,7 +291,7 @@ def with_prepared_data(space: SearchSpace) -> SearchSpace:
     from pipelines.default_data import with_prepared_data as prepared
 
     path = prepared(space.full_config()).data.path
-    PreparedDataset.open(path)  # a bad dataset fails here in one line, not in every trial
+    check_dataset(path)  # a bad dataset fails here in one line, not in every trial
     base = copy.deepcopy(space.base)
     set_dotted(base, "data.path", path)
     return dataclasses.replace(space, base=base)
@@ -372,7 +373,7 @@ def retrain_best(best_cfg: TrainConfig) -> int:
     final = best_checkpoint(result_checkpoints(result), cfg.storage_path)
     if final is None:
         raise CheckpointError(f"run {result.path!r} reported no checkpoint")
-    table, _ = evaluate_checkpoint(final)
+    table, _ = evaluate_checkpoint(to_uri(cfg.storage_path, final))
     print(f"retrained: {final}\n{format_table(table)}")
     return 0
 

@@ -101,7 +101,7 @@ def prepare(src: str | Path, out: str | Path, *, imbalance_factor: float = 100.0
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.cifar", description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", required=True, help="cifar-10-batches-py or cifar-100-python directory")
-    parser.add_argument("--out", required=True, help="prepared dataset directory")
+    parser.add_argument("--out", required=True, help="prepared dataset directory, or an object-storage URI (s3://bucket/prefix, gs://...)")
     parser.add_argument("--imbalance-factor", type=float, default=100.0, help="10, 50 or 100 in the literature")
     parser.add_argument("--max-per-class", type=int, help="head-class size (default: per-class count - val)")
     parser.add_argument("--val-per-class", type=int, help="validation images per class (default: 4%%)")

@@ -115,7 +115,7 @@ def prepare(src: str | Path, out: str | Path, *, imbalance_factor: float = 100.0
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.fashion_mnist", description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", default=DEFAULT_SRC, help="directory with the four IDX files")
-    parser.add_argument("--out", required=True, help="prepared dataset directory")
+    parser.add_argument("--out", required=True, help="prepared dataset directory, or an object-storage URI (s3://bucket/prefix, gs://...)")
     parser.add_argument("--imbalance-factor", type=float, default=100.0)
     parser.add_argument("--max-per-class", type=int, default=5000)
     parser.add_argument("--val-per-class", type=int, default=500)

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-list", required=True)
     parser.add_argument("--test-list")
     parser.add_argument("--class-names", help="file with one class name per line (optionally 'id name')")
-    parser.add_argument("--out", required=True, help="prepared dataset directory")
+    parser.add_argument("--out", required=True, help="prepared dataset directory, or an object-storage URI (s3://bucket/prefix, gs://...)")
     parser.add_argument("--write-mode", choices=("jpg", "raw"), default="jpg")
     parser.add_argument("--max-resolution", type=int, default=256, help="longer side after resizing")
     parser.add_argument("--skip-bad", action="store_true", help="record unreadable images in the manifest and go on")

@@ -7,8 +7,13 @@ A prepared dataset directory holds:
   {split}.beton     FFCV file per split with fields image, label, index
   The manifest's Parquet metadata records the pipeline and its arguments (the fingerprint).
 
+The manifest's metadata also records the size and SHA-256 of every other file.
+
 Outputs appear atomically: everything is written into a temporary sibling directory that is
-renamed into place only when complete. Re-running with the same fingerprint is a no-op.
+renamed into place only when complete. An object-storage output (``--out s3://bucket/prefix``,
+``gs://...``) is built locally, uploaded, then marked complete by the ``_COMPLETE`` object,
+written last (paco_ray.data.staging reads nothing without it). Re-running with the same
+fingerprint is a no-op.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,7 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from paco_ray.data.longtail import shot_group
+from paco_ray.data.prepared import FILES_KEY
+from paco_ray.data.staging import MANIFEST, MARKER, file_digest
 from paco_ray.errors import InputError
+from paco_ray.storage import check_no_credentials, exists, filesystem, is_uri
 
 FORMAT_VERSION = 1  # bump when the layout of a prepared directory changes
 FINGERPRINT_KEY = b"paco_ray.fingerprint"
@@ -68,6 +77,65 @@ def _check_output(out: Path, fingerprint: dict, force: bool) -> bool:
         raise PipelineError(f"--out {out}: exists and is not a prepared dataset; choose another directory")
     raise PipelineError(f"--out {out}: was prepared from a different source or settings "
                         f"({existing.get('pipeline')}: {existing.get('source')}); pass --force to replace it")
+
+
+def _check_remote_output(uri: str, fingerprint: dict, force: bool) -> bool:
+    """True when ``uri`` already holds exactly this preparation, uploaded completely."""
+    import pyarrow.parquet as pq
+
+    fs, root = filesystem(uri)
+    if not _storage(lambda: exists(fs, f"{root}/{MANIFEST}"), uri):
+        if _storage(lambda: exists(fs, root), uri):
+            raise PipelineError(f"--out {uri}: exists and is not a prepared dataset; choose another prefix")
+        return False
+    complete = _storage(lambda: exists(fs, f"{root}/{MARKER}"), uri)
+    meta = _storage(lambda: pq.read_schema(f"{root}/{MANIFEST}", filesystem=fs).metadata or {}, uri)
+    existing = json.loads(meta[FINGERPRINT_KEY]) if FINGERPRINT_KEY in meta else None
+    if not complete or force:  # an upload that never completed is replaced
+        return False
+    if existing == fingerprint:
+        return True
+    raise PipelineError(f"--out {uri}: was prepared from a different source or settings "
+                        f"({(existing or {}).get('pipeline')}: {(existing or {}).get('source')}); "
+                        "pass --force to replace it")
+
+
+def publish(local: Path, uri: str) -> None:
+    """Upload the prepared directory ``local`` to ``uri``: the old marker goes first, the new one last."""
+    fs, root = filesystem(uri)
+    marker = f"{root}/{MARKER}"
+    if _storage(lambda: exists(fs, marker), uri):
+        fs.delete_file(marker)
+    for name in sorted(p.name for p in local.iterdir() if p.name != MANIFEST) + [MANIFEST]:
+        _storage(lambda: _upload(local / name, fs, f"{root}/{name}"), uri)
+    record = json.dumps({MANIFEST: file_digest(local / MANIFEST)}).encode()
+    _storage(lambda: _upload_bytes(record, fs, marker), uri)
+
+
+def _upload(path: Path, fs, destination: str) -> None:
+    with open(path, "rb") as source, fs.open_output_stream(destination) as stream:
+        while chunk := source.read(8 << 20):
+            stream.write(chunk)
+
+
+def _upload_bytes(data: bytes, fs, destination: str) -> None:
+    with fs.open_output_stream(destination) as stream:
+        stream.write(data)
+
+
+def _storage(action, uri: str):
+    """Run a storage call; an OSError becomes one line naming ``--out`` (bucket, credentials)."""
+    try:
+        return action()
+    except OSError as err:
+        text = str(err)
+        if "NoSuchBucket" in text or "NOT_FOUND" in text or "does not exist" in text:
+            reason = f"bucket {uri.split('://', 1)[1].split('/', 1)[0]!r} does not exist"
+        elif "ACCESS_DENIED" in text or "AccessDenied" in text or "403" in text:
+            reason = "access denied (no or wrong credentials)"
+        else:
+            reason = text.splitlines()[0] if text else type(err).__name__
+        raise PipelineError(f"--out {uri}: {reason}") from None
 
 
 def stored_shape(height: int, width: int, max_resolution: int | None) -> tuple[int, int]:
@@ -135,12 +203,16 @@ def write_beton(path: Path, samples: Sequence[Sample], *, write_mode: str, max_r
 def write_prepared(out: str | Path, *, fingerprint: dict, class_names: Sequence[str],
                    splits: dict[str, Sequence[Sample]], thresholds: tuple[int, int], write_mode: str = "raw",
                    max_resolution: int | None = None, skip_bad: bool = False, force: bool = False,
-                   num_workers: int = 1) -> Path:
-    """Validate, then write manifest, classes and one .beton per split into ``out`` atomically."""
-    out = Path(out).resolve()
+                   num_workers: int = 1) -> Path | str:
+    """Validate, then write manifest, classes and one .beton per split into ``out`` (a directory,
+    or an object-storage URI) atomically; returns where the dataset is."""
+    remote = is_uri(str(out))
+    if remote:
+        check_no_credentials("--out", str(out))
+    out = str(out).rstrip("/") if remote else Path(out).resolve()
     fingerprint = {**fingerprint, "format": FORMAT_VERSION, "splits": list(splits), "write_mode": write_mode,
                    "max_resolution": max_resolution, "skip_bad": skip_bad}
-    if _check_output(out, fingerprint, force):
+    if _check_remote_output(out, fingerprint, force) if remote else _check_output(out, fingerprint, force):
         print(f"{out}: already prepared with these inputs (use --force to rebuild)")
         return out
     num_classes = len(class_names)
@@ -162,35 +234,24 @@ def write_prepared(out: str | Path, *, fingerprint: dict, class_names: Sequence[
         raise PipelineError(f"class {empty[0]!r} has no training images"
                             + (f" (and {len(empty) - 1} more classes)" if len(empty) > 1 else ""))
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = Path(tempfile.mkdtemp(prefix="paco_ray_prepare_")) if remote else out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        many, few = thresholds
-        pq.write_table(pa.table({
-            "class_id": np.arange(num_classes, dtype=np.int64), "name": list(class_names),
-            "train_count": train_counts.astype(np.int64),
-            "shot_group": [shot_group(int(n), many, few) for n in train_counts],
-            "many_threshold": np.full(num_classes, many, dtype=np.int64),
-            "few_threshold": np.full(num_classes, few, dtype=np.int64),
-        }).replace_schema_metadata({
-            b"paco_ray.channels": str(channels).encode(),
-            b"paco_ray.image_size": str(_common_square_side(shapes)).encode(),
-        }), tmp / "classes.parquet")
+        _write_classes(tmp, class_names, train_counts, thresholds, channels, shapes)
         for split, good in kept.items():
             write_beton(tmp / f"{split}.beton", good, write_mode=write_mode, max_resolution=max_resolution,
                         num_workers=num_workers)
+        files = {p.name: file_digest(p) for p in sorted(tmp.iterdir())}
         table = pa.Table.from_pylist([dict(zip(MANIFEST_SCHEMA.names, r)) for r in rows], schema=MANIFEST_SCHEMA)
-        table = table.replace_schema_metadata({FINGERPRINT_KEY: json.dumps(fingerprint).encode()})
-        pq.write_table(table, tmp / "manifest.parquet")  # written last: its presence marks completion
-        if out.exists():
-            old = out.parent / f".{out.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+        table = table.replace_schema_metadata({FINGERPRINT_KEY: json.dumps(fingerprint).encode(),
+                                               FILES_KEY: json.dumps(files).encode()})
+        pq.write_table(table, tmp / MANIFEST)  # written last: its presence marks completion
+        if remote:
+            publish(tmp, out)
+            shutil.rmtree(tmp)
         else:
-            tmp.rename(out)
+            _install(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -198,6 +259,34 @@ def write_prepared(out: str | Path, *, fingerprint: dict, class_names: Sequence[
     print(f"{out}: " + ", ".join(f"{s} {len(g)}" for s, g in kept.items())
           + (f"; {skipped} bad images skipped (see manifest)" if skipped else ""))
     return out
+
+
+def _write_classes(directory: Path, class_names: Sequence[str], train_counts: np.ndarray,
+                   thresholds: tuple[int, int], channels: int, shapes: set[tuple[int, int]]) -> None:
+    many, few = thresholds
+    num_classes = len(class_names)
+    pq.write_table(pa.table({
+        "class_id": np.arange(num_classes, dtype=np.int64), "name": list(class_names),
+        "train_count": train_counts.astype(np.int64),
+        "shot_group": [shot_group(int(n), many, few) for n in train_counts],
+        "many_threshold": np.full(num_classes, many, dtype=np.int64),
+        "few_threshold": np.full(num_classes, few, dtype=np.int64),
+    }).replace_schema_metadata({
+        b"paco_ray.channels": str(channels).encode(),
+        b"paco_ray.image_size": str(_common_square_side(shapes)).encode(),
+    }), directory / "classes.parquet")
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` into place, replacing an older ``out`` whole."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 def run_cli(prepare: Callable[..., Path], args) -> int:

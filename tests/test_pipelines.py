@@ -279,9 +279,8 @@ def test_truncated_beton_is_refused_at_load(tiny_dataset, tmp_path):
     shutil.copytree(tiny_dataset, copy)
     beton = copy / "train.beton"
     beton.write_bytes(beton.read_bytes()[: beton.stat().st_size // 2])
-    with pytest.raises(DatasetError, match=r"train.beton: corrupt or truncated \.beton"):
-        build_loaders(PreparedDataset.open(copy), DataConfig(path=str(copy)), rank=0, world_size=1, seed=0,
-                      device=torch.device("cpu"))
+    with pytest.raises(DatasetError, match=r"train.beton has \d+ bytes, the manifest records \d+"):
+        PreparedDataset.open(copy)  # the size recorded in the manifest gives it away before FFCV reads it
     (copy / "manifest.parquet").unlink()
     with pytest.raises(DatasetError, match="manifest.parquet missing"):
         PreparedDataset.open(copy)

@@ -1,6 +1,7 @@
 """A prepared dataset directory (see pipelines/writer.py), opened and validated for training."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -18,6 +19,9 @@ class Normalization(NamedTuple):
 
 NORMALIZATION = {1: Normalization((0.2860,), (0.3530,)),                             # Fashion-MNIST
                  3: Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}     # ImageNet statistics
+
+
+FILES_KEY = b"paco_ray.files"  # manifest metadata: {file name: {"size", "sha256"}} of the other files
 
 
 class DatasetError(InputError):
@@ -77,5 +81,13 @@ class PreparedDataset:
         for split in sources:
             if not (path / f"{split}.beton").is_file():
                 raise DatasetError(f"data.path: {path / f'{split}.beton'} missing")
+        recorded_files = json.loads((manifest.schema.metadata or {}).get(FILES_KEY, b"{}"))
+        used = {"classes.parquet", *(f"{split}.beton" for split in sources)}
+        for name, recorded in recorded_files.items():
+            if name not in used:
+                continue
+            size = (path / name).stat().st_size
+            if size != recorded["size"]:  # a truncated or replaced file; checksums are checked when staging
+                raise DatasetError(f"data.path: {path / name} has {size} bytes, the manifest records {recorded['size']}")
         return cls(path, classes, int(meta.get(b"paco_ray.channels", b"3")), sources, labels,
                    int(meta.get(b"paco_ray.image_size", b"0")))
