@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny Fashion-MNIST in its real IDX layout, tiny configs, one Ray cluster."""
+import contextlib
+import io
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +66,53 @@ def tiny_config(tiny_dataset, tmp_path):
     return make
 
 
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str
+    fs: object  # pyarrow S3FileSystem on the server, for setting up and inspecting objects
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """One local Ray instance for every Ray test (2 CPUs); its auth token lives in a temp HOME."""
+def s3():
+    """A real S3-protocol server (moto's server mode) on 127.0.0.1, reached over HTTP through the
+    standard environment (AWS_ENDPOINT_URL and keys) exactly as AWS would be, with one bucket.
+    Session-wide and set before Ray starts, so Ray's workers inherit the environment."""
+    import logging
+
+    import pyarrow.fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True)
+    fs.create_dir("paco-test")
+    yield S3Server(env["AWS_ENDPOINT_URL"], "paco-test", fs)
+    server.stop()
+    _restore(saved)
+
+
+def _restore(saved: dict) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory, s3):
+    """One local Ray instance for every Ray test (2 CPUs); its auth token lives in a temp HOME.
+    The S3 test server runs first, so every Ray process sees its endpoint."""
     ray = pytest.importorskip("ray")
     home = tmp_path_factory.mktemp("home")
     saved = {k: os.environ.get(k) for k in ("HOME", "RAY_TRAIN_V2_ENABLED")}
@@ -74,11 +121,7 @@ def ray_cluster(tmp_path_factory):
              log_to_driver=False)
     yield ray
     ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    _restore(saved)
 
 
 @pytest.fixture(scope="session")
@@ -126,3 +169,27 @@ def event_tags(event_file: Path) -> set[str]:
         tags.update(v.tag for v in event.summary.value)
         offset += 12 + length + 4
     return tags
+
+
+EPOCHS, BATCH = 4, 16
+
+
+def run_args(dataset, storage, name, *extra):
+    """Two deterministic CPU workers on the tiny dataset; every checkpoint kept."""
+    return ["--workers", "2", "--set", f"data.path={dataset}", "--set", "data.loader=torch",
+            "--set", f"data.batch_size={BATCH}", "--set", f"optim.epochs={EPOCHS}", "--set", "paco.queue_size=37",
+            "--set", "cpus_per_worker=0.5", "--set", "deterministic=true", "--set", f"storage_path={storage}",
+            "--set", f"name={name}", "--set", "keep_checkpoints=10", *extra]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(ray_cluster, tiny_dataset, tmp_path_factory):
+    """The reference Ray run through the CLI (2 deterministic workers, local data and storage):
+    (run directory, stdout). Shared by every test that compares weights with it."""
+    from paco_ray import train as train_cli
+
+    storage = tmp_path_factory.mktemp("runs")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert train_cli.main(run_args(tiny_dataset, storage, "uninterrupted")) == 0
+    return storage / "uninterrupted", out.getvalue()

@@ -1,8 +1,6 @@
 """Ray Train end to end: the CLI trains 2 DDP workers (gloo, CPU) and reports checkpoints; a worker
 killed mid-epoch is restarted from the last checkpoint and ends with the uninterrupted run's weights."""
-import contextlib
 import hashlib
-import io
 import os
 from collections import Counter
 from pathlib import Path
@@ -15,19 +13,9 @@ from paco_ray import train as train_cli
 from paco_ray.checkpoint import load_state
 from paco_ray.data.prepared import PreparedDataset
 from paco_ray.faults import KILL_WORKER_ENV
+from conftest import BATCH, EPOCHS, run_args
 
 pytestmark = pytest.mark.ray
-
-EPOCHS, BATCH = 4, 16
-
-
-def run_args(dataset, storage, name, *extra):
-    """Two deterministic CPU workers on the tiny dataset; every checkpoint kept."""
-    return ["--workers", "2", "--set", f"data.path={dataset}", "--set", "data.loader=torch",
-            "--set", f"data.batch_size={BATCH}", "--set", f"optim.epochs={EPOCHS}", "--set", "paco.queue_size=37",
-            "--set", "cpus_per_worker=0.5", "--set", "deterministic=true", "--set", f"storage_path={storage}",
-            "--set", f"name={name}", "--set", "keep_checkpoints=10", *extra]
-
 
 def checkpoints(run_dir: Path) -> list[dict]:
     """Every checkpoint of a run, in the order written."""
@@ -46,16 +34,6 @@ def assert_same_weights(a: dict, b: dict):
 
 def digest(run_dir: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(ray_cluster, tiny_dataset, tmp_path_factory):
-    """The reference run through the CLI: (run directory, stdout)."""
-    storage = tmp_path_factory.mktemp("runs")
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert train_cli.main(run_args(tiny_dataset, storage, "uninterrupted")) == 0
-    return storage / "uninterrupted", out.getvalue()
 
 
 def kill_step(dataset, epoch, step):
