@@ -1,6 +1,8 @@
-"""A real two-node Ray cluster on this machine (two `ray start` nodes, token auth): DDP with one
-worker per node equals the one-node run, checkpoints land in the shared storage, the project's
-metrics reach each node's Prometheus endpoint, and the dashboard's REST API shows the job."""
+"""A real two-node Ray cluster on this machine (two `ray start` nodes, token auth, each with its
+own node-local cache): DDP with one worker per node on a dataset in the S3 test bucket equals the
+one-node run on the local copy, each node downloads the dataset once, checkpoints land in the
+shared storage, the project's metrics reach each node's Prometheus endpoint, and the dashboard's
+REST API shows the job."""
 import json
 import os
 import re
@@ -20,6 +22,8 @@ import torch
 
 from paco_ray import train as train_cli
 from paco_ray.checkpoint import load_state
+from paco_ray.data.staging import DOWNLOAD_LOG, STAGE_DIR_ENV
+from pipelines.writer import publish
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +43,7 @@ class TwoNodes:
     token: str
     metrics_ports: tuple[int, int]
     env: dict
+    caches: tuple[Path, Path]  # each node's PACO_RAY_STAGE_DIR
 
     def rest(self, path: str):
         request = urllib.request.Request(self.dashboard + path, headers={"Authorization": f"Bearer {self.token}"})
@@ -79,16 +84,18 @@ def two_nodes(ray_cluster):
            "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     common = ["--num-cpus=1", "--disable-usage-stats"]
+    caches = (temp / "cache-head", temp / "cache-node2")
     try:
         subprocess.run([RAY, "start", "--head", f"--port={gcs}", f"--temp-dir={temp}/head",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                         f"--ray-client-server-port={client}", f"--metrics-export-port={metrics[0]}",
                         f"--dashboard-agent-listen-port={free_port()}", *common],
-                       env=env, check=True, capture_output=True, timeout=180)
+                       env={**env, STAGE_DIR_ENV: str(caches[0])}, check=True, capture_output=True, timeout=180)
         subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", f"--temp-dir={temp}/node2",
                         f"--metrics-export-port={metrics[1]}", f"--dashboard-agent-listen-port={free_port()}",
-                        *common], env=env, check=True, capture_output=True, timeout=180)
-        yield TwoNodes(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", token, metrics, env)
+                        *common], env={**env, STAGE_DIR_ENV: str(caches[1])}, check=True, capture_output=True,
+                       timeout=180)
+        yield TwoNodes(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", token, metrics, env, caches)
     finally:
         stop_processes([str(temp), f":{gcs}"])
         shutil.rmtree(temp, ignore_errors=True)
@@ -123,10 +130,12 @@ def final_state(storage: Path, name: str) -> dict:
     return max(states, key=lambda s: s["epoch"])
 
 
-def test_two_node_ddp_equals_one_node_and_is_observable(two_nodes, ray_cluster, easy_dataset, tmp_path, capsys):
+def test_two_node_ddp_equals_one_node_and_is_observable(two_nodes, ray_cluster, easy_dataset, s3, tmp_path, capsys):
     shared = tmp_path / "shared"  # one path both nodes see: the cluster's shared storage
+    bucket_copy = s3.uri("datasets/easy")
+    publish(Path(easy_dataset), bucket_copy)  # the upload step of a pipeline writing to the bucket
     driver = subprocess.Popen(
-        [sys.executable, "-m", "paco_ray.train", *run_args(easy_dataset, shared, "two-nodes",
+        [sys.executable, "-m", "paco_ray.train", *run_args(bucket_copy, shared, "two-nodes",
                                                           "--set", "placement_strategy=STRICT_SPREAD")],
         env={**two_nodes.env, "RAY_ADDRESS": two_nodes.address}, cwd=tmp_path,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -166,6 +175,11 @@ def test_two_node_ddp_equals_one_node_and_is_observable(two_nodes, ray_cluster, 
     jobs = two_nodes.rest("/api/jobs/")
     assert any(j["type"] == "DRIVER" and "paco_ray.train" in (j.get("entrypoint") or "")
                and j["status"] == "SUCCEEDED" for j in jobs)
+
+    # each node staged the dataset into its own cache, once
+    logs = [list(cache.glob(f"*/{DOWNLOAD_LOG}")) for cache in two_nodes.caches]
+    assert [len(found) for found in logs] == [1, 1], logs
+    assert [len(found[0].read_text().splitlines()) for found in logs] == [1, 1]
 
     # checkpoints in the shared storage path; the same seed on one node gives the same model
     assert len([p for p in (shared / "two-nodes").glob("checkpoint_*") if p.is_dir()]) == 2
