@@ -1,4 +1,5 @@
-"""Ray Tune end to end on the shared Ray cluster: a 4-trial ASHA search, and a killed driver resumed."""
+"""Ray Tune end to end on the shared Ray cluster: a 4-trial ASHA search (local storage), and a
+killed driver resumed from an experiment that lives in the S3 test bucket, data included."""
 import json
 import os
 import signal
@@ -15,7 +16,9 @@ from paco_ray import tune as tune_cli
 from paco_ray.checkpoint import load_state
 from paco_ray.config import load_config
 from paco_ray.search_space import load_space, resolve_trials
+from paco_ray.storage import exists, subdirectories
 from paco_ray.train import LocalSession, train
+from pipelines.writer import publish
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent
@@ -39,23 +42,29 @@ def space_file(tmp_path, dataset, **overrides):
     return path
 
 
-def registered_epoch(run_dir: Path) -> int:
+def read(fs, path: str) -> str:
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def registered_epoch(fs, run_dir: str) -> int:
     """The epoch of the newest checkpoint Ray Train has registered for a run (what a restore resumes
-    from; a checkpoint directory on disk may not be registered yet). 0: none."""
+    from; a checkpoint directory in storage may not be registered yet). 0: none."""
     try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        snapshot = json.loads(read(fs, f"{run_dir}/checkpoint_manager_snapshot.json"))
         return int(snapshot["latest_checkpoint_result"]["metrics"]["epoch"])
     except (OSError, ValueError, KeyError, TypeError):  # not yet written, or being written
         return 0
 
 
-def trial_results(experiment: Path) -> dict[str, list[dict]]:
+def trial_results(fs, experiment: str) -> dict[str, list[dict]]:
     """Every result Tune recorded, per trial id, from the trials' result.json files."""
     out = {}
-    for result_file in experiment.glob("run_trial_*/result.json"):
-        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
-        if rows:
-            out[rows[0]["trial_id"]] = rows
+    for folder in subdirectories(fs, experiment):
+        if folder.rsplit("/", 1)[-1].startswith("run_trial_") and exists(fs, f"{folder}/result.json"):
+            rows = [json.loads(line) for line in read(fs, f"{folder}/result.json").splitlines() if line.strip()]
+            if rows:
+                out[rows[0]["trial_id"]] = rows
     return out
 
 
@@ -108,12 +117,15 @@ def test_asha_search_stops_bad_trials_keeps_best_checkpoints_and_exports_a_confi
     assert summary.splitlines()[0].startswith("trial") and "best checkpoint:" in summary
 
 
-def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, easy_dataset, tmp_path, capsys):
-    path = space_file(tmp_path, easy_dataset, search={"optim": {"lr": {"grid": [0.02, 0.03, 0.04]}}},
+def test_killed_driver_resumes_from_the_bucket_without_rerunning_finished_trials(ray_cluster, easy_dataset, s3,
+                                                                                tmp_path, capsys):
+    dataset = s3.uri("datasets/easy-tune")
+    publish(Path(easy_dataset), dataset)
+    path = space_file(tmp_path, dataset, search={"optim": {"lr": {"grid": [0.02, 0.03, 0.04]}}},
                       scheduler={"max_t": 4, "grace_period": 4, "reduction_factor": 2}, num_samples=1,
-                      max_concurrent_trials=1,
+                      max_concurrent_trials=1, storage_path=s3.uri("tune"),
                       resources={"workers": 1, "cpus_per_worker": 1, "trial_driver_cpus": 0.1})
-    experiment = tmp_path / "runs" / "search"
+    fs, experiment = s3.fs, f"{s3.bucket}/tune/search"
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
            "PYTHONPATH": str(REPO)}
     driver = subprocess.Popen([sys.executable, "-m", "paco_ray.tune", str(path)], env=env, cwd=tmp_path,
@@ -121,8 +133,8 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, ea
     deadline = time.time() + 300
     try:  # kill the driver once the second trial has a registered checkpoint
         while time.time() < deadline:
-            runs = sorted((experiment / "train").glob("*")) if (experiment / "train").is_dir() else []
-            if len(runs) >= 2 and registered_epoch(runs[1]) >= 1:
+            runs = sorted(subdirectories(fs, f"{experiment}/train")) if exists(fs, f"{experiment}/train") else []
+            if len(runs) >= 2 and registered_epoch(fs, runs[1]) >= 1:
                 break
             assert driver.poll() is None, "the search finished before it could be interrupted"
             time.sleep(0.2)
@@ -131,14 +143,14 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, ea
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-    registered = {run.name: registered_epoch(run) for run in runs}  # Train runs are named by trial id
-    before = trial_results(experiment)
+    registered = {run.rsplit("/", 1)[-1]: registered_epoch(fs, run) for run in runs}  # named by trial id
+    before = trial_results(fs, experiment)
     finished = [t for t, rows in before.items() if max(r["epoch"] for r in rows) == 4]
     assert finished, "no trial had finished before the kill"
 
     assert tune_cli.main([str(path), "--resume", "--then-train"]) == 0
     out = capsys.readouterr().out
-    after = trial_results(experiment)
+    after = trial_results(fs, experiment)
     assert len(after) == 3
     for trial, rows in after.items():
         seen = [r["epoch"] for r in rows]
@@ -154,4 +166,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, ea
     assert min(registered.values()) >= 1  # every trial started had a checkpoint to continue from
     # --then-train: the best config on the whole cluster (2 CPUs -> 2 workers, batch 32, lr x 2)
     assert "on 2 workers (global batch 32" in out and "retrained:" in out
-    assert any(p.is_dir() for p in (tmp_path / "runs" / "search-best").glob("checkpoint_*"))
+    assert any(p.rsplit("/", 1)[-1].startswith("checkpoint_") for p in subdirectories(fs, f"{s3.bucket}/tune/search-best"))
+    # the checkpoint policy pruned objects in the bucket: the best checkpoint of each of the 2 best trials
+    kept = [c for run in subdirectories(fs, f"{experiment}/train") for c in subdirectories(fs, run)
+            if c.rsplit("/", 1)[-1].startswith("checkpoint_")]
+    assert len(kept) == 2, kept
+    assert "best_config.yaml" in read(fs, f"{experiment}/summary.txt")
