@@ -2,6 +2,7 @@
 import contextlib
 import io
 import os
+import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,9 +72,21 @@ class S3Server:
     endpoint: str
     bucket: str
     fs: object  # pyarrow S3FileSystem on the server, for setting up and inspecting objects
+    port: int
+    server: object = None
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
+
+    def start(self) -> None:
+        """Listen on the same port again (moto keeps its buckets in this process across restarts)."""
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -84,19 +97,20 @@ def s3():
     import logging
 
     import pyarrow.fs
-    from moto.server import ThreadedMotoServer
-
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = S3Server(f"http://127.0.0.1:{port}", "paco-test", None, port)
     server.start()
-    host, port = server.get_host_and_port()
+    host = "127.0.0.1"
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True)
-    fs.create_dir("paco-test")
-    yield S3Server(env["AWS_ENDPOINT_URL"], "paco-test", fs)
+    server.fs = pyarrow.fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True)
+    server.fs.create_dir("paco-test")
+    yield server
     server.stop()
     _restore(saved)
 

@@ -222,3 +222,60 @@ def evaluate_cli_fetch(fs_path: str, tmp_path: Path) -> str:
     target = tmp_path / "fetched" / fs_path.rsplit("/", 1)[-1]
     target.mkdir(parents=True, exist_ok=True)
     return fetch_dir(f"s3://{fs_path}", str(target))
+
+
+@pytest.mark.ray
+def test_storage_lost_mid_run_fails_in_one_line_and_the_last_good_checkpoint_resumes(uninterrupted, uploaded, s3,
+                                                                                     tmp_path, capsys):
+    """The S3 server stops after the run has stored its epoch-2 checkpoint: the next checkpoint
+    upload fails, the CLI ends with one line, and once storage is back the same command resumes
+    from the last good checkpoint and ends with the uninterrupted run's weights."""
+    import threading
+
+    from pyarrow.fs import FileSelector
+
+    from paco_ray import train as train_cli
+    from paco_ray.checkpoint import load_state
+    from conftest import EPOCHS, run_args
+
+    run = f"{s3.bucket}/runs/storage-lost"
+    stopped = threading.Event()
+
+    def stop_after_epoch_2():
+        deadline = __import__("time").monotonic() + 300
+        while __import__("time").monotonic() < deadline:
+            try:
+                snapshot = json.loads(s3.fs.open_input_stream(f"{run}/checkpoint_manager_snapshot.json").read())
+                if snapshot["latest_checkpoint_result"]["metrics"]["epoch"] >= 2:
+                    s3.stop()
+                    stopped.set()
+                    return
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            __import__("time").sleep(0.05)
+
+    watcher = threading.Thread(target=stop_after_epoch_2, daemon=True)
+    args = run_args(uploaded, s3.uri("runs"), "storage-lost", "--set", f"data.stage_dir={tmp_path / 'cache'}")
+    watcher.start()
+    try:
+        code = train_cli.main(args)
+    finally:
+        watcher.join(timeout=5)
+        if stopped.is_set():
+            s3.start()
+    assert stopped.is_set(), "the run ended before its storage could be stopped"
+    err = capsys.readouterr().err.strip()
+    print(f"\nthe failure line: {err}")
+    assert code == 1 and err.count("\n") == 0 and err.startswith("error: training failed (max_failures: 0): "), err
+
+    assert train_cli.main(args) == 0  # storage back: resumes from the last registered checkpoint
+    capsys.readouterr()
+    folders = [i.path for i in s3.fs.get_file_info(FileSelector(run)) if i.type.name == "Directory"
+               and i.base_name.startswith("checkpoint_")]
+    states = [load_state(evaluate_cli_fetch(f, tmp_path)) for f in folders]
+    assert sorted(s["epoch"] for s in states).count(1) == 1  # epoch 1 was not trained again
+    final = max(states, key=lambda s: s["epoch"])
+    reference = max((load_state(c) for c in uninterrupted[0].glob("checkpoint_*") if c.is_dir()),
+                    key=lambda s: s["epoch"])
+    assert final["epoch"] == EPOCHS
+    assert [k for k in final["model"] if not (final["model"][k] == reference["model"][k]).all()] == []

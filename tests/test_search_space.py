@@ -179,22 +179,30 @@ def test_then_train_scales_workers_batch_and_lr_to_the_cluster():
     assert cfg.optim.lr == pytest.approx(0.02 * 4)
 
 
-def test_pruning_keeps_the_best_checkpoints_of_the_best_trials(tmp_path):
-    space = parse({**copy.deepcopy(MINIMAL), "storage_path": str(tmp_path),
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_pruning_keeps_the_best_checkpoints_of_the_best_trials(where, tmp_path, request):
+    from paco_ray.storage import filesystem, subdirectories
+
+    storage = str(tmp_path) if where == "local" else request.getfixturevalue("s3").uri("prune")
+    fs, root = filesystem(storage)
+    space = parse({**copy.deepcopy(MINIMAL), "storage_path": storage,
                    "checkpoints": {"keep_per_trial": 1, "keep_trials": 2}})
     rows = []
     for trial, scores in {"a": [30, 50], "b": [60, 40], "c": [20, 10], "d": [], "e": [5]}.items():
-        run = tmp_path / "t" / "train" / trial
+        run = f"{root}/t/train/{trial}"
         checkpoints = []
-        for epoch, score in enumerate(scores):
-            path = run / f"checkpoint_{epoch}"
-            path.mkdir(parents=True)
-            checkpoints.append((score, str(path)))
-        (run / "checkpoint_unreported").mkdir(parents=True)  # written after the trial was stopped
+        for name, score in [(f"checkpoint_{epoch}", score) for epoch, score in enumerate(scores)] + \
+                [("checkpoint_unreported", None)]:  # the last one written after the trial was stopped
+            fs.create_dir(f"{run}/{name}")
+            with fs.open_output_stream(f"{run}/{name}/state.pt") as stream:  # object stores have no empty folders
+                stream.write(b"x")
+            if score is not None:
+                checkpoints.append((score, f"{run}/{name}"))
         status = "error" if trial == "e" else "completed"  # an errored trial keeps its checkpoints
         rows.append(TrialSummary(trial, {}, len(scores), max(scores, default=math.nan), status,
                                  sorted(checkpoints, key=lambda c: -c[0])))
     rows.sort(key=lambda t: -t.best if math.isfinite(t.best) else math.inf)
     assert prune_checkpoints(rows, space) == (2, 8)
-    left = sorted(str(p.relative_to(tmp_path / "t" / "train")) for p in (tmp_path / "t" / "train").glob("*/checkpoint_*"))
+    left = sorted(c.split("/t/train/", 1)[1] for run in subdirectories(fs, f"{root}/t/train")
+                  for c in subdirectories(fs, run))
     assert left == ["a/checkpoint_1", "b/checkpoint_0", "e/checkpoint_0", "e/checkpoint_unreported"]
