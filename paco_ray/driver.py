@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterable
 from .config import TrainConfig
 from .faults import KillPlan
 from .schema import ConfigError
-from .storage import exists, filesystem
+from .data.staging import STAGE_TIMEOUT_S
+from .storage import exists, filesystem, is_uri
 
 # How Ray reports a worker whose process is gone (by name: some are internal to Ray Train)
 WORKER_DEATHS = ("WorkerHealthCheckFailedError", "ActorDiedError", "ActorUnavailableError", "RayActorError")
@@ -67,12 +68,16 @@ def run_trainer(loop: Callable[[dict], None], cfg: TrainConfig, *, name: str, st
     ``name`` and ``storage_path`` resume from the run's last checkpoint. A fault-injection drill
     in this process's environment (paco_ray.faults) travels to the workers."""
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     kill_plan = KillPlan.from_env(os.environ)
+    # Workers stage a dataset in object storage before their first collective: the process group
+    # waits longer than a node may stage, so a slow node ends in the staging error naming it.
+    collective_timeout_s = 1800 + (STAGE_TIMEOUT_S if is_uri(cfg.data.path) else 0)
     trainer = TorchTrainer(
         loop,
         train_loop_config=cfg.to_dict(),
+        torch_config=TorchConfig(timeout_s=int(collective_timeout_s)),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=worker_resources(cfg),
                                                placement_strategy=cfg.placement_strategy),

@@ -71,3 +71,12 @@ def test_gpu_workers_fit_the_imagenet_trials(cluster):
     # and a one-GPU CIFAR trial fits the small GPU type
     cifar = load_space(REPO / "search_spaces" / "cifar100_lt.yaml").resources
     assert types["gpu_small"]["resources"]["CPU"] >= cifar.cpus_per_worker and types["gpu_small"]["resources"]["GPU"] >= 1
+
+
+def test_data_is_staged_on_local_disk_and_never_rsynced(cluster):
+    from paco_ray.data.staging import STAGE_DIR_ENV
+
+    options = cluster["docker"]["worker_run_options"]
+    assert any(o.startswith(f"-e {STAGE_DIR_ENV}=/mnt/local/") for o in options)
+    assert any(o.startswith("-v ") and o.endswith(":/mnt/local") for o in options)  # the host's local disk
+    assert {"data", "**/*.beton", "**/*.parquet"} <= set(cluster["rsync_exclude"])

@@ -265,7 +265,6 @@ def test_storage_lost_mid_run_fails_in_one_line_and_the_last_good_checkpoint_res
             s3.start()
     assert stopped.is_set(), "the run ended before its storage could be stopped"
     err = capsys.readouterr().err.strip()
-    print(f"\nthe failure line: {err}")
     assert code == 1 and err.count("\n") == 0 and err.startswith("error: training failed (max_failures: 0): "), err
 
     assert train_cli.main(args) == 0  # storage back: resumes from the last registered checkpoint

@@ -16,7 +16,7 @@ from paco_ray import tune as tune_cli
 from paco_ray.checkpoint import load_state
 from paco_ray.config import load_config
 from paco_ray.search_space import load_space, resolve_trials
-from paco_ray.storage import exists, subdirectories
+from paco_ray.storage import exists, filesystem, subdirectories
 from paco_ray.train import LocalSession, train
 from pipelines.writer import publish
 
@@ -77,7 +77,7 @@ def test_asha_search_stops_bad_trials_keeps_best_checkpoints_and_exports_a_confi
     assert "stopped early by ASHA" in out and "test split of the best checkpoint" in out
 
     # the trials Tune ran are the ones --dry-run announces (seeded sampling, grid order)
-    results = trial_results(experiment)
+    results = trial_results(*filesystem(str(experiment)))
     space = load_space(path)
     expected = sorted((t["optim"]["lr"], t["paco"]["queue_size"]) for t in resolve_trials(space))
     assert sorted((r[0]["config"]["optim"]["lr"], r[0]["config"]["paco"]["queue_size"])

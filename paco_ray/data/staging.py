@@ -28,6 +28,7 @@ MANIFEST = "manifest.parquet"
 DOWNLOAD_LOG = "downloads.log"  # one line per completed download of the dataset into this cache
 STAGE_DIR_ENV = "PACO_RAY_STAGE_DIR"  # a node's own cache directory, set when the node is started
 CHUNK = 8 << 20
+STAGE_TIMEOUT_S = 3600.0  # how long a process waits for another one on its node to finish staging
 
 
 def file_digest(path: str | os.PathLike) -> dict[str, Any]:
@@ -46,7 +47,7 @@ def stage_dir(configured: str) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
-def local_dataset(path: str, configured_stage_dir: str = "", timeout_s: float = 3600.0) -> Path:
+def local_dataset(path: str, configured_stage_dir: str = "", timeout_s: float = STAGE_TIMEOUT_S) -> Path:
     """A local prepared directory for ``data.path``: itself, or a URI staged into the node's cache."""
     if not is_uri(path):
         return Path(path)
@@ -89,7 +90,7 @@ def _storage_reason(err: OSError) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def stage(uri: str, cache: Path, *, timeout_s: float = 3600.0, verify_checksums: bool = False,
+def stage(uri: str, cache: Path, *, timeout_s: float = STAGE_TIMEOUT_S, verify_checksums: bool = False,
           progress_every_s: float = 10.0) -> Path:
     """The dataset at ``uri`` as a local directory under ``cache``, downloaded at most once per
     node (concurrent callers wait up to ``timeout_s`` for the one that downloads)."""
