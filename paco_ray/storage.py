@@ -26,6 +26,18 @@ def check_no_credentials(key: str, uri: str) -> None:
                           "give them through the environment or the machine's role instead")
 
 
+def storage_error(err: OSError, uri: str) -> str:
+    """Why a storage call on ``uri`` failed, in a few words (missing bucket, credentials, or the
+    first line of pyarrow's message)."""
+    text = str(err)
+    if "NoSuchBucket" in text or "NOT_FOUND" in text:
+        return f"bucket {uri.split('://', 1)[-1].split('/', 1)[0]!r} does not exist"
+    if "ACCESS_DENIED" in text or "AccessDenied" in text or "403" in text:
+        return ("access denied (no or wrong credentials: give them through AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY, a profile or the machine's role)")
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def to_uri(storage: str, fs_path: str) -> str:
     """The URI (or local path) of ``fs_path``, a path inside the filesystem of ``storage``."""
     return f"{storage.split('://', 1)[0]}://{fs_path}" if is_uri(storage) else fs_path

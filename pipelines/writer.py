@@ -34,7 +34,7 @@ from paco_ray.data.longtail import shot_group
 from paco_ray.data.prepared import FILES_KEY
 from paco_ray.data.staging import MANIFEST, MARKER, file_digest
 from paco_ray.errors import InputError
-from paco_ray.storage import check_no_credentials, exists, filesystem, is_uri
+from paco_ray.storage import check_no_credentials, exists, filesystem, is_uri, storage_error
 
 FORMAT_VERSION = 1  # bump when the layout of a prepared directory changes
 FINGERPRINT_KEY = b"paco_ray.fingerprint"
@@ -84,6 +84,9 @@ def _check_remote_output(uri: str, fingerprint: dict, force: bool) -> bool:
     import pyarrow.parquet as pq
 
     fs, root = filesystem(uri)
+    bucket = root.split("/", 1)[0]
+    if not _storage(lambda: exists(fs, bucket), uri):  # before any work, not after the build
+        raise PipelineError(f"--out {uri}: bucket {bucket!r} does not exist")
     if not _storage(lambda: exists(fs, f"{root}/{MANIFEST}"), uri):
         if _storage(lambda: exists(fs, root), uri):
             raise PipelineError(f"--out {uri}: exists and is not a prepared dataset; choose another prefix")
@@ -128,14 +131,7 @@ def _storage(action, uri: str):
     try:
         return action()
     except OSError as err:
-        text = str(err)
-        if "NoSuchBucket" in text or "NOT_FOUND" in text or "does not exist" in text:
-            reason = f"bucket {uri.split('://', 1)[1].split('/', 1)[0]!r} does not exist"
-        elif "ACCESS_DENIED" in text or "AccessDenied" in text or "403" in text:
-            reason = "access denied (no or wrong credentials)"
-        else:
-            reason = text.splitlines()[0] if text else type(err).__name__
-        raise PipelineError(f"--out {uri}: {reason}") from None
+        raise PipelineError(f"--out {uri}: {storage_error(err, uri)}") from None
 
 
 def stored_shape(height: int, width: int, max_resolution: int | None) -> tuple[int, int]:

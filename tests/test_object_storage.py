@@ -278,3 +278,10 @@ def test_storage_lost_mid_run_fails_in_one_line_and_the_last_good_checkpoint_res
                     key=lambda s: s["epoch"])
     assert final["epoch"] == EPOCHS
     assert [k for k in final["model"] if not (final["model"][k] == reference["model"][k]).all()] == []
+
+
+def test_a_pipeline_writing_to_a_missing_bucket_fails_in_one_line(s3, fashion_root, capsys):
+    assert fashion_mnist.main(["--src", str(fashion_root), "--out", "s3://no-such-bucket/fm", *ARGS]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "error: --out s3://no-such-bucket/fm: bucket 'no-such-bucket' does not exist"
+    assert captured.out == ""  # refused before anything was built

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..storage import filesystem, is_uri
+from ..storage import filesystem, is_uri, storage_error
 from .prepared import FILES_KEY, DatasetError, PreparedDataset
 
 MARKER = "_COMPLETE"
@@ -72,7 +72,7 @@ def read_marker(uri: str) -> dict[str, Any]:
     except FileNotFoundError:
         pass
     except OSError as err:
-        raise DatasetError(f"data.path: {uri}: {_storage_reason(err)}") from None
+        raise DatasetError(f"data.path: {uri}: {storage_error(err, uri)}") from None
     bucket = root.split("/", 1)[0]
     if fs.get_file_info(bucket).type.name == "NotFound":
         raise DatasetError(f"data.path: {uri}: bucket {bucket!r} does not exist")
@@ -80,14 +80,6 @@ def read_marker(uri: str) -> dict[str, Any]:
         raise DatasetError(f"data.path: {uri}: the upload never completed (no {MARKER} marker); "
                            "run the pipeline again")
     raise DatasetError(f"data.path: {uri} holds no prepared dataset (prepare one with python -m pipelines... --out {uri})")
-
-
-def _storage_reason(err: OSError) -> str:
-    text = str(err)
-    if "ACCESS_DENIED" in text or "AccessDenied" in text or "403" in text:
-        return ("access denied (no or wrong credentials: give them through AWS_ACCESS_KEY_ID/"
-                "AWS_SECRET_ACCESS_KEY, a profile or the machine's role)")
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def stage(uri: str, cache: Path, *, timeout_s: float = STAGE_TIMEOUT_S, verify_checksums: bool = False,
@@ -175,7 +167,7 @@ def _download(fs, root: str, local: Path, name: str, expected: dict[str, Any], u
                            "again)") from None
     except OSError as err:
         partial.unlink(missing_ok=True)
-        raise DatasetError(f"data.path: {uri}/{name}: {_storage_reason(err)}") from None
+        raise DatasetError(f"data.path: {uri}/{name}: {storage_error(err, uri)}") from None
     if size != expected["size"] or digest.hexdigest() != expected["sha256"]:
         partial.unlink(missing_ok=True)
         raise DatasetError(f"data.path: {uri}/{name}: checksum mismatch ({size} bytes, sha256 "
