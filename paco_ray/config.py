@@ -53,6 +53,7 @@ class DefaultDataConfig:
 class ModelConfig:
     backbone: str = "resnet_small28"
     proj_dim: int = 64
+    projector: str = "mlp"  # mlp: Linear-ReLU-Linear | mlp_bn: Linear-BN-ReLU-Linear (the official head)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class PaCoConfig:
     temperature: float = 0.2
     queue_size: int = 1024
     momentum: float = 0.99  # key-encoder EMA
+    shuffle_keys: bool = False  # MoCo's shuffle BN: the key encoder's batch mixed across DDP ranks
 
 
 @dataclass
@@ -203,6 +205,7 @@ def _validate_model_and_optim(cfg: TrainConfig) -> None:
     m = cfg.model
     _check(m.backbone in BACKBONES, "model.backbone", f"must be one of {', '.join(BACKBONES)}", m.backbone)
     _check(m.proj_dim >= 1, "model.proj_dim", "must be >= 1", m.proj_dim)
+    _check(m.projector in ("mlp", "mlp_bn"), "model.projector", "must be mlp or mlp_bn", m.projector)
 
     p = cfg.paco
     _check(p.alpha >= 0, "paco.alpha", "must be >= 0", p.alpha)

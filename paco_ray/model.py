@@ -69,8 +69,31 @@ class PaCoOutput(NamedTuple):
     queue_labels: torch.Tensor | None = None    # (K,) -1 for empty slots
 
 
-def projection_head(in_dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+PROJECTORS = ("mlp", "mlp_bn")
+
+
+def projection_head(in_dim: int, out_dim: int, kind: str = "mlp") -> nn.Sequential:
+    """``mlp``: Linear-ReLU-Linear; ``mlp_bn``: Linear-BN-ReLU-Linear (the official PaCo/MoCo head)."""
+    if kind not in PROJECTORS:
+        raise ValueError(f"projector must be one of {', '.join(PROJECTORS)}, got {kind!r}")
+    norm = [nn.BatchNorm1d(in_dim)] if kind == "mlp_bn" else []
+    return nn.Sequential(nn.Linear(in_dim, in_dim), *norm, nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+
+
+@torch.no_grad()
+def encode_shuffled(encode, x: torch.Tensor) -> torch.Tensor:
+    """``encode(x)`` computed on a batch shuffled across DDP ranks and put back in order (MoCo's
+    shuffle BN): BatchNorm in ``encode`` then sees a random mix of every rank's samples, so keys
+    carry no statistics of their own rank's batch. Every rank must pass the same batch size;
+    without DDP (or with one rank) it is ``encode(x)``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return encode(x)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    everything = all_gather_cat(x)
+    order = torch.randperm(everything.shape[0], device=x.device)
+    dist.broadcast(order, src=0)  # one permutation for all ranks
+    keys = all_gather_cat(encode(everything[order.view(world, -1)[rank]]))
+    return keys[torch.argsort(order).view(world, -1)[rank]]
 
 
 class PaCoModel(nn.Module):
@@ -82,7 +105,8 @@ class PaCoModel(nn.Module):
     """
 
     def __init__(self, backbone: str, num_classes: int, in_channels: int = 3, proj_dim: int = 128,
-                 queue_size: int = 8192, momentum: float = 0.999, key_source: str | None = "momentum"):
+                 queue_size: int = 8192, momentum: float = 0.999, key_source: str | None = "momentum",
+                 projector: str = "mlp", shuffle_keys: bool = False):
         super().__init__()
         if key_source not in ("momentum", "query", None):
             raise ValueError(f"key_source must be 'momentum', 'query' or None, got {key_source!r}")
@@ -90,8 +114,9 @@ class PaCoModel(nn.Module):
         self.classifier = nn.Linear(feature_dim, num_classes)
         self.key_source = key_source
         self.momentum = momentum
+        self.shuffle_keys = shuffle_keys  # shuffle the key encoder's batch across DDP ranks
         if key_source is not None:
-            self.projector = projection_head(feature_dim, proj_dim)
+            self.projector = projection_head(feature_dim, proj_dim, projector)
             self.queue = KeyQueue(queue_size, proj_dim)
         if key_source == "momentum":
             self.key_encoder = copy.deepcopy(self.encoder)
@@ -103,7 +128,10 @@ class PaCoModel(nn.Module):
     def from_config(cls, cfg: "TrainConfig", num_classes: int, in_channels: int) -> "PaCoModel":
         """The model a training config describes (its loss decides the key source)."""
         return cls(cfg.model.backbone, num_classes, in_channels, cfg.model.proj_dim, cfg.paco.queue_size,
-                   cfg.paco.momentum, KEY_SOURCES[cfg.loss])
+                   cfg.paco.momentum, KEY_SOURCES[cfg.loss], cfg.model.projector, cfg.paco.shuffle_keys)
+
+    def _key_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.key_projector(self.key_encoder(x))
 
     def _query_params(self) -> list[torch.Tensor]:
         return [*self.encoder.parameters(), *self.projector.parameters()]
@@ -131,7 +159,7 @@ class PaCoModel(nn.Module):
         with torch.no_grad():
             if self.key_source == "momentum":
                 self.momentum_update()
-                k = self.key_projector(self.key_encoder(x_k))
+                k = encode_shuffled(self._key_branch, x_k) if self.shuffle_keys else self._key_branch(x_k)
             else:
                 k = self.projector(self.encoder(x_k))
             k = F.normalize(k, dim=1)

@@ -193,7 +193,8 @@ def run_args(dataset, storage, name, *extra):
     return ["--workers", "2", "--set", f"data.path={dataset}", "--set", "data.loader=torch",
             "--set", f"data.batch_size={BATCH}", "--set", f"optim.epochs={EPOCHS}", "--set", "paco.queue_size=37",
             "--set", "cpus_per_worker=0.5", "--set", "deterministic=true", "--set", f"storage_path={storage}",
-            "--set", f"name={name}", "--set", "keep_checkpoints=10", *extra]
+            "--set", f"name={name}", "--set", "keep_checkpoints=10", "--set", "paco.shuffle_keys=true",
+            "--set", "model.projector=mlp_bn", *extra]
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ def test_yaml_file_and_overrides(tmp_path):
     ("paco.gamma=-1", "paco.gamma"),
     ("paco.momentum=1.0", "paco.momentum"),
     ("loss=focal", "loss"),
+    ("model.projector=mlp3", "model.projector"),
     ("workers=0", "workers"),
     ("data.batch_size=0", "data.batch_size"),
     ("data.batch_size=129", "data.batch_size"),  # not divisible by 2 workers

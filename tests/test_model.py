@@ -125,3 +125,58 @@ def test_queue_stores_non_finite_keys_as_empty_slots():
     queue.enqueue(keys, torch.tensor([3, 4, 5]))
     assert queue.labels.tolist() == [3, -1, -1, -1] and torch.isfinite(queue.keys).all()
     assert queue.ptr.item() == 3
+
+
+def test_projector_with_batch_norm_is_the_official_head():
+    from paco_ray.config import load_config
+    from paco_ray.model import projection_head
+
+    head = projection_head(16, 4, "mlp_bn")
+    assert [type(m).__name__ for m in head] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert [type(m).__name__ for m in projection_head(16, 4)] == ["Linear", "ReLU", "Linear"]
+    model = PaCoModel.from_config(load_config(None, ["model.projector=mlp_bn"]), 10, 1)
+    assert isinstance(model.projector[1], torch.nn.BatchNorm1d) and isinstance(model.key_projector[1],
+                                                                                torch.nn.BatchNorm1d)
+
+
+def _key_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 2))
+
+
+def _shuffle_worker(rank: int, world: int, init_file: str, out_dir: str):
+    from paco_ray.model import encode_shuffled
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    net = _key_net()
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(10 + rank)) * (1 + 3 * rank)  # ranks differ
+    out = {}
+    net.eval()
+    out["eval"], out["eval_plain"] = encode_shuffled(net, x), net(x)
+    net.train()
+    torch.manual_seed(123)  # rank 0 draws the permutation from here
+    out["train"], out["train_plain"] = encode_shuffled(net, x), net(x)
+    out["x"] = x
+    torch.save(out, os.path.join(out_dir, f"shuffle{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_shuffled_keys_equal_plain_keys_in_eval_and_differ_only_by_batch_statistics_in_train(tmp_path):
+    from paco_ray.model import encode_shuffled
+
+    net = _key_net()
+    x = torch.randn(4, 3)
+    assert torch.equal(encode_shuffled(net, x), net(x))  # no DDP: nothing to shuffle
+    mp.spawn(_shuffle_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"shuffle{r}.pt") for r in range(2)]
+    for r in ranks:  # eval mode: per-sample computation, so shuffling changes nothing
+        torch.testing.assert_close(r["eval"], r["eval_plain"], rtol=0, atol=1e-6)
+        assert not torch.allclose(r["train"], r["train_plain"], atol=1e-3)  # batch statistics differ
+    # train mode: each key is the net applied to the shuffled half-batch its sample was sent to
+    everything = torch.cat([r["x"] for r in ranks])
+    torch.manual_seed(123)
+    order = torch.randperm(8)
+    net = _key_net().train()
+    shuffled = torch.cat([net(everything[chunk]) for chunk in order.view(2, -1)])
+    expected = shuffled[torch.argsort(order)]
+    torch.testing.assert_close(torch.cat([r["train"] for r in ranks]), expected, rtol=0, atol=1e-6)
