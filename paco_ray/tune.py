@@ -16,7 +16,6 @@ import dataclasses
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from .errors import InputError
 from .evaluate import evaluate_checkpoint, format_table
 from .schema import ConfigError, flatten, set_dotted
 from .search_space import SearchSpace, load_space, param_space, parse, resolve_trials, upgrade_space
-from .storage import copy_dir, exists, filesystem, is_local, read_text, subdirectories, to_uri, write_text
+from .storage import exists, filesystem, read_text, subdirectories, to_uri, write_text
 
 SNAPSHOT = "search_space.yaml"
 BEST_CONFIG = "best_config.yaml"
@@ -198,18 +197,14 @@ def best_trial(rows: list[TrialSummary], space: SearchSpace) -> tuple[TrialSumma
 
 
 def evaluate_test(space: SearchSpace, path: str) -> dict[str, dict] | None:
-    """The best checkpoint on the test split (None when the dataset has no test split)."""
-    fs, _ = filesystem(space.experiment_path)
-    with tempfile.TemporaryDirectory() as local:
-        if not is_local(fs):  # fetch the checkpoint from remote storage
-            copy_dir(path, local, source_fs=fs)
-            path = local
-        try:
-            results, _ = evaluate_checkpoint(path, ["test"])
-        except DatasetError as err:
-            if "has no test split" not in str(err):
-                raise
-            return None
+    """The best checkpoint (a path in the experiment's storage) on the test split (None when the
+    dataset has no test split)."""
+    try:
+        results, _ = evaluate_checkpoint(to_uri(space.storage_path, path), ["test"])
+    except DatasetError as err:
+        if "has no test split" not in str(err):
+            raise
+        return None
     return results
 
 

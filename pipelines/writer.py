@@ -34,7 +34,7 @@ from paco_ray.data.longtail import shot_group
 from paco_ray.data.prepared import FILES_KEY
 from paco_ray.data.staging import MANIFEST, MARKER, file_digest
 from paco_ray.errors import InputError
-from paco_ray.storage import check_no_credentials, exists, filesystem, is_uri, storage_error
+from paco_ray.storage import check_no_credentials, exists, filesystem, is_uri, storage_error, write_text
 
 FORMAT_VERSION = 1  # bump when the layout of a prepared directory changes
 FINGERPRINT_KEY = b"paco_ray.fingerprint"
@@ -111,19 +111,14 @@ def publish(local: Path, uri: str) -> None:
         fs.delete_file(marker)
     for name in sorted(p.name for p in local.iterdir() if p.name != MANIFEST) + [MANIFEST]:
         _storage(lambda: _upload(local / name, fs, f"{root}/{name}"), uri)
-    record = json.dumps({MANIFEST: file_digest(local / MANIFEST)}).encode()
-    _storage(lambda: _upload_bytes(record, fs, marker), uri)
+    record = json.dumps({MANIFEST: file_digest(local / MANIFEST)})
+    _storage(lambda: write_text(fs, marker, record), uri)
 
 
 def _upload(path: Path, fs, destination: str) -> None:
     with open(path, "rb") as source, fs.open_output_stream(destination) as stream:
         while chunk := source.read(8 << 20):
             stream.write(chunk)
-
-
-def _upload_bytes(data: bytes, fs, destination: str) -> None:
-    with fs.open_output_stream(destination) as stream:
-        stream.write(data)
 
 
 def _storage(action, uri: str):
