@@ -34,6 +34,7 @@ def test_yaml_file_and_overrides(tmp_path):
     ("paco.momentum=1.0", "paco.momentum"),
     ("loss=focal", "loss"),
     ("model.projector=mlp3", "model.projector"),
+    ("default_data=3", "default_data"),
     ("workers=0", "workers"),
     ("data.batch_size=0", "data.batch_size"),
     ("data.batch_size=129", "data.batch_size"),  # not divisible by 2 workers

@@ -285,3 +285,26 @@ def test_a_pipeline_writing_to_a_missing_bucket_fails_in_one_line(s3, fashion_ro
     captured = capsys.readouterr()
     assert captured.err.strip() == "error: --out s3://no-such-bucket/fm: bucket 'no-such-bucket' does not exist"
     assert captured.out == ""  # refused before anything was built
+
+
+def test_a_node_waiting_too_long_for_staging_names_the_node_and_the_object(uploaded, tmp_path):
+    import fcntl
+    import socket
+
+    from paco_ray.data.staging import _slug
+
+    local = tmp_path / "cache" / _slug(uploaded)
+    local.mkdir(parents=True)
+    with open(local / ".lock", "w") as held:  # another process on this node is staging
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(DatasetError, match=rf"node {socket.gethostname()} waited 0.5 s for another process to "
+                                               rf"stage {uploaded} into "):
+            stage(uploaded, tmp_path / "cache", timeout_s=0.5)
+    assert stage(uploaded, tmp_path / "cache") == local  # free again: it stages
+
+
+def test_evaluating_a_checkpoint_uri_that_does_not_exist(s3, capsys):
+    from paco_ray import evaluate as evaluate_cli
+
+    assert evaluate_cli.main([s3.uri("runs/nothing/checkpoint_000")]) == 2
+    assert capsys.readouterr().err.strip() == "error: s3://paco-test/runs/nothing/checkpoint_000 does not exist"

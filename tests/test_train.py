@@ -198,3 +198,11 @@ def test_skip_nonfinite_skips_the_step_and_keeps_training(tiny_config, tmp_path,
     state = load_state(second["checkpoint_path"])
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     assert "skipped a step with a non-finite loss at epoch 1, step 2" in capsys.readouterr().err
+
+
+def test_a_config_without_a_dataset_is_refused_in_the_loop(tiny_config, tmp_path):
+    from paco_ray.data.prepared import DatasetError
+
+    with pytest.raises(DatasetError, match=r"data.path: empty; prepare a dataset with python -m pipelines"):
+        train(tiny_config("data.path="), LocalSession(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
