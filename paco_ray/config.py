@@ -20,6 +20,7 @@ __all__ = ["ConfigError", "TrainConfig", "DataConfig", "DefaultDataConfig", "loa
 LOSSES = ("paco", "gpaco", "balanced_softmax", "ce")
 LOADERS = ("ffcv", "torch")
 AUGMENTS = ("small", "imagenet")
+VIEWS = ("crop_flip", "randaugment", "randcls", "autoaugment_cutout", "sim", "sim_cifar")  # data/augment.py
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 
 
@@ -34,8 +35,12 @@ class DataConfig:
     augment: str = "small"  # small: pad-crop + flip | imagenet: resized crop + flip, colour on the key view
     image_size: int = 0  # training crop size; 0: the stored size (small family only)
     crop_padding: int = 2
-    randaugment_ops: int = 0  # RandAugment on the query view; 0 = off
-    randaugment_magnitude: int = 9
+    query_view: str = ""  # a recipe of paco_ray.data.augment.VIEWS; empty: randaugment if randaugment_ops else crop_flip
+    key_view: str = ""  # empty: sim for the imagenet family, crop_flip for small
+    randaugment_ops: int = 0  # timm RandAugment n (views randaugment, randcls); 0 = off
+    randaugment_magnitude: int = 10  # m on timm's 0-10 scale (10: shear 0.3, rotate 30 degrees)
+    randaugment_std: float = 0.5  # Gaussian noise on m per op (timm's mstd)
+    cutout: int = 16  # side of Cutout's square (view autoaugment_cutout)
 
 
 @dataclass
@@ -189,9 +194,16 @@ def _validate_data(cfg: TrainConfig) -> None:
     _check(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1", d.eval_batch_size)
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
     _check(d.crop_padding >= 0, "data.crop_padding", "must be >= 0", d.crop_padding)
+    for name in ("query_view", "key_view"):
+        view = getattr(d, name)
+        _check(view in ("", *VIEWS), f"data.{name}", f"must be one of {', '.join(VIEWS)}", view)
+        _check(d.randaugment_ops > 0 or view not in ("randaugment", "randcls"), "data.randaugment_ops",
+               f"must be > 0 with data.{name}={view}", d.randaugment_ops)
     _check(d.randaugment_ops >= 0, "data.randaugment_ops", "must be >= 0", d.randaugment_ops)
-    _check(0 <= d.randaugment_magnitude <= 30, "data.randaugment_magnitude", "must be in [0, 30]",
+    _check(0 <= d.randaugment_magnitude <= 10, "data.randaugment_magnitude", "must be in [0, 10] (timm's scale)",
            d.randaugment_magnitude)
+    _check(d.randaugment_std >= 0, "data.randaugment_std", "must be >= 0", d.randaugment_std)
+    _check(d.cutout >= 0, "data.cutout", "must be >= 0", d.cutout)
 
     e = cfg.default_data
     _check(e.imbalance_factor >= 1, "default_data.imbalance_factor", "must be >= 1", e.imbalance_factor)

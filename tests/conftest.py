@@ -2,6 +2,7 @@
 import contextlib
 import io
 import os
+import pickle
 import socket
 import struct
 from dataclasses import dataclass
@@ -32,6 +33,31 @@ def make_fashion_root(root, per_class=30, test_per_class=4):
     write_idx(root / "t10k-images-idx3-ubyte", images(test_labels))  # uncompressed works too
     write_idx(root / "t10k-labels-idx1-ubyte", test_labels)
     return root, train_labels, train_images
+
+
+def write_cifar(src, variant, per_class, rng, data=None):
+    """CIFAR-10 (5 data batches) or CIFAR-100 (train/test) python batches with meta files; random
+    pixels unless ``data`` (N x 3072 uint8, N = classes x per_class) is given."""
+    src.mkdir(parents=True)
+    num_classes = 10 if variant == "cifar10" else 100
+    key = "labels" if variant == "cifar10" else "fine_labels"
+    labels = rng.permutation(np.repeat(np.arange(num_classes), per_class))
+    if data is None:
+        data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+    test_labels = np.repeat(np.arange(num_classes), 2)
+    test = {b"data": rng.integers(0, 256, (len(test_labels), 3072), dtype=np.uint8), key.encode(): test_labels.tolist()}
+    names = [f"class{c}".encode() for c in range(num_classes)]
+    if variant == "cifar10":  # protocol 2, like the published files
+        for i, part in enumerate(np.array_split(np.arange(len(labels)), 5), start=1):
+            batch = {b"data": data[part], b"labels": labels[part].tolist(), b"batch_label": b"training"}
+            (src / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=2))
+        (src / "test_batch").write_bytes(pickle.dumps(test, protocol=2))
+        (src / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
+    else:
+        (src / "train").write_bytes(pickle.dumps({b"data": data, b"fine_labels": labels.tolist()}))
+        (src / "test").write_bytes(pickle.dumps(test))
+        (src / "meta").write_bytes(pickle.dumps({b"fine_label_names": names}))
+    return labels, data
 
 
 @pytest.fixture(scope="session")

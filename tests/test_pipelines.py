@@ -7,14 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import RunsCode, make_fashion_root
+from conftest import RunsCode, make_fashion_root, write_cifar
 from paco_ray.config import DataConfig
 from paco_ray.data.loaders import build_loaders
 from paco_ray.data.longtail import exponential_profile
 from paco_ray.data.prepared import DatasetError, PreparedDataset
 from paco_ray.data.sources import read_source
 from pipelines import cifar, fashion_mnist, txt_list
-from pipelines.writer import PipelineError
 
 
 def eval_pixels(out, split):
@@ -99,29 +98,6 @@ def test_rerun_is_a_noop_force_rebuilds_and_other_sources_are_refused(tmp_path, 
 
 
 # ----------------------------------------------------------------------------- CIFAR
-
-
-def write_cifar(src, variant, per_class, rng):
-    """CIFAR-10 (5 data batches) or CIFAR-100 (train/test) python batches with meta files."""
-    src.mkdir(parents=True)
-    num_classes = 10 if variant == "cifar10" else 100
-    key = "labels" if variant == "cifar10" else "fine_labels"
-    labels = rng.permutation(np.repeat(np.arange(num_classes), per_class))
-    data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
-    test_labels = np.repeat(np.arange(num_classes), 2)
-    test = {b"data": rng.integers(0, 256, (len(test_labels), 3072), dtype=np.uint8), key.encode(): test_labels.tolist()}
-    names = [f"class{c}".encode() for c in range(num_classes)]
-    if variant == "cifar10":  # protocol 2, like the published files
-        for i, part in enumerate(np.array_split(np.arange(len(labels)), 5), start=1):
-            batch = {b"data": data[part], b"labels": labels[part].tolist(), b"batch_label": b"training"}
-            (src / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=2))
-        (src / "test_batch").write_bytes(pickle.dumps(test, protocol=2))
-        (src / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
-    else:
-        (src / "train").write_bytes(pickle.dumps({b"data": data, b"fine_labels": labels.tolist()}))
-        (src / "test").write_bytes(pickle.dumps(test))
-        (src / "meta").write_bytes(pickle.dumps({b"fine_label_names": names}))
-    return labels, data
 
 
 @pytest.mark.parametrize("variant,per_class,imbalance", [("cifar10", 30, 10), ("cifar100", 6, 5)])

@@ -1,60 +1,81 @@
-"""Per-view augmentations on uint8 image tensors (torchvision.transforms.v2).
+"""The two views' recipes, on uint8 CHW tensors (torchvision.transforms.v2, timm's RandAugment).
 
-Families: ``small`` (Fashion-MNIST, CIFAR: pad-and-crop + flip, optional RandAugment on the
-query view) and ``imagenet`` (random resized crop + flip; colour jitter, grayscale and blur on the
-key view; RandAugment on the query view). The FFCV path runs the geometric and key-view colour
-ops as FFCV operations; RandAugment (not in FFCV) runs per sample after decoding in both paths.
+A view is a crop (the family's, or a random resized crop of a given scale) + horizontal flip,
+then per-sample photometric ops. A view is named by ``data.query_view`` / ``data.key_view`` (``paco_ray.config.VIEWS``):
+
+- ``crop_flip``: the family's crop (``small``: pad-crop ``data.crop_padding``; ``imagenet``:
+  random resized crop 0.08-1) + flip;
+- ``randaugment``: ``crop_flip`` + timm's RandAugment n ``randaugment_ops`` m ``randaugment_magnitude``
+  mstd ``randaugment_std``, filled with the dataset's mean colour;
+- ``randcls``: ``crop_flip`` + colour jitter 0.4/0.4/0.4 + that RandAugment (official ImageNet-LT/iNat query);
+- ``autoaugment_cutout``: ``crop_flip`` + AutoAugment (CIFAR-10 policy, grey fill) + Cutout
+  ``data.cutout`` (official CIFAR query);
+- ``sim``: random resized crop 0.08-1 + flip + colour jitter 0.4/0.4/0.4 + grayscale p 0.2 +
+  Gaussian blur (sigma 0.1-2) p 0.5 (official ImageNet-LT/iNat key, Places-LT both views);
+- ``sim_cifar``: random resized crop 0.2-1 + flip + colour jitter 0.4/0.4/0.4/0.1 p 0.8 +
+  grayscale p 0.2 + blur p 0.5 (official CIFAR key).
+
+The torch loader runs the whole view per sample; the FFCV loader decodes, crops and flips in FFCV
+and runs the same photometric ops per sample afterwards, so both loaders share one recipe.
 """
 from __future__ import annotations
 
 from torchvision.transforms import v2
 
+from .augment_ops import Cutout, TimmRandAugment
 
-def geometric(data_cfg, image_size: int) -> list:
+RESIZED_CROP_SCALE = {"sim": (0.08, 1.0), "sim_cifar": (0.2, 1.0)}
+BLUR_KERNEL = 13  # covers +-3 sigma of the largest sigma (2 px), as PIL's GaussianBlur(radius=sigma)
+
+
+def view_names(data_cfg) -> tuple[str, str]:
+    """(query view, key view); an empty name means the 0.1 behaviour: RandAugment on the query
+    view when ``randaugment_ops`` > 0, and ``sim`` keys for the imagenet family."""
+    query = data_cfg.query_view or ("randaugment" if data_cfg.randaugment_ops > 0 else "crop_flip")
+    key = data_cfg.key_view or ("sim" if data_cfg.augment == "imagenet" else "crop_flip")
+    return query, key
+
+
+def crop(view: str, data_cfg) -> tuple[str, object]:
+    """("resized", scale) for a random resized crop, or ("pad", padding) for a pad-and-crop."""
+    if view in RESIZED_CROP_SCALE:
+        return "resized", RESIZED_CROP_SCALE[view]
     if data_cfg.augment == "imagenet":
-        return [v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip()]
-    crop = v2.RandomCrop(image_size, padding=data_cfg.crop_padding) if data_cfg.crop_padding else v2.Identity()
-    return [crop, v2.RandomHorizontalFlip()]
+        return "resized", (0.08, 1.0)
+    return "pad", data_cfg.crop_padding
 
 
-def blur_kernel_size(image_size: int) -> int:
-    """An odd kernel of about 10% of the image side (SimCLR), at least 3."""
-    return max(3, int(0.1 * image_size)) | 1
+def geometric(view: str, data_cfg, image_size: int) -> list:
+    kind, arg = crop(view, data_cfg)
+    if kind == "resized":
+        first = v2.RandomResizedCrop(image_size, scale=arg, antialias=True)
+    else:
+        first = v2.RandomCrop(image_size, padding=arg) if arg else v2.Identity()
+    return [first, v2.RandomHorizontalFlip()]
 
 
-def key_color(data_cfg, image_size: int) -> list:
-    """The key view's photometric ops of the imagenet family, as torchvision v2 transforms."""
-    if data_cfg.augment != "imagenet":
-        return []
-    return [v2.RandomApply([v2.ColorJitter(brightness=0.4)], p=0.8),
-            v2.RandomApply([v2.ColorJitter(contrast=0.4)], p=0.8),
-            v2.RandomApply([v2.ColorJitter(saturation=0.4)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=0.5)]
+def randaugment(data_cfg, fill: tuple[int, ...]) -> TimmRandAugment:
+    return TimmRandAugment(data_cfg.randaugment_ops, data_cfg.randaugment_magnitude, data_cfg.randaugment_std, fill)
 
 
-def ffcv_key_color(data_cfg, image_size: int) -> list:
-    """The same ops as ``key_color``, as compiled FFCV operations on decoded HxWx3 batches."""
-    if data_cfg.augment != "imagenet":
-        return []
-    from ffcv.transforms import RandomBrightness, RandomContrast, RandomSaturation
-
-    from .ffcv_ops import RandomGaussianBlur, RandomGrayscale
-
-    return [RandomBrightness(0.4, p=0.8), RandomContrast(0.4, p=0.8), RandomSaturation(0.4, p=0.8),
-            RandomGrayscale(p=0.2), RandomGaussianBlur(blur_kernel_size(image_size), (0.1, 2.0), p=0.5)]
-
-
-def query_randaugment(data_cfg) -> list:
-    if data_cfg.randaugment_ops <= 0:
-        return []
-    return [v2.RandAugment(num_ops=data_cfg.randaugment_ops, magnitude=data_cfg.randaugment_magnitude)]
+def photometric(view: str, data_cfg, fill: tuple[int, ...]) -> list:
+    """The per-sample ops after crop and flip; ``fill`` is the mean colour (0-255 per channel)."""
+    blur = v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL, sigma=(0.1, 2.0))], p=0.5)
+    recipes = {
+        "crop_flip": lambda: [],
+        "randaugment": lambda: [randaugment(data_cfg, fill)],
+        "randcls": lambda: [v2.ColorJitter(0.4, 0.4, 0.4), randaugment(data_cfg, fill)],
+        "autoaugment_cutout": lambda: [v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=128), Cutout(data_cfg.cutout)],
+        "sim": lambda: [v2.ColorJitter(0.4, 0.4, 0.4), v2.RandomGrayscale(p=0.2), blur],
+        "sim_cifar": lambda: [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                              v2.RandomGrayscale(p=0.2), blur],
+    }
+    return recipes[view]()
 
 
-def view_transform(data_cfg, image_size: int, query: bool) -> v2.Compose:
-    """The full transform of one view for the torch loader."""
-    photometric = query_randaugment(data_cfg) if query else key_color(data_cfg, image_size)
-    return v2.Compose(geometric(data_cfg, image_size) + photometric)
+def view_transform(view: str, data_cfg, image_size: int, fill: tuple[int, ...]) -> v2.Compose:
+    """One whole view, for the torch loader."""
+    return v2.Compose(geometric(view, data_cfg, image_size) + photometric(view, data_cfg, fill))
 
 
 def eval_transform(data_cfg, image_size: int) -> v2.Compose:

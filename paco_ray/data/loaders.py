@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
 
-from .augment import eval_transform, ffcv_key_color, query_randaugment, view_transform
+from .augment import crop, eval_transform, photometric, view_names, view_transform
 from .prepared import DatasetError, PreparedDataset
 from .sources import read_source
 
@@ -24,6 +25,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 class _Normalizer:
     def __init__(self, data: PreparedDataset, device: torch.device):
         self.channels, self.device = data.channels, device
+        self.fill = tuple(round(255 * m) for m in data.mean)  # the mean colour, for augmentations' fill
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(data.mean, device=device).view(shape) * 255
         self.std = torch.tensor(data.std, device=device).view(shape) * 255
@@ -69,8 +71,8 @@ class TorchLoaders(_Normalizer):
         super().__init__(data, device)
         self.data, self.cfg, self.rank, self.world_size, self.seed = data, data_cfg, rank, world_size, seed
         size = _image_size(data_cfg, data)
-        self.train_set = SourceImages(data, "train", (view_transform(data_cfg, size, query=True),
-                                                      view_transform(data_cfg, size, query=False)))
+        self.train_set = SourceImages(data, "train", tuple(view_transform(view, data_cfg, size, self.fill)
+                                                           for view in view_names(data_cfg)))
         self.eval_transform = eval_transform(data_cfg, size)
 
     def train(self, epoch: int) -> DataLoader:
@@ -126,27 +128,28 @@ class FFCVLoaders(_Normalizer):
         self.data, self.cfg, self.rank, self.world_size, self.seed = data, data_cfg, rank, world_size, seed
         self.size = _image_size(data_cfg, data)
         self.workers = data_cfg.num_workers or max(1, self.threads)  # default: the CPUs this worker was given
-        self.query_post = query_randaugment(data_cfg)
+        self.views = view_names(data_cfg)
+        ops = [photometric(view, data_cfg, self.fill) for view in self.views]
+        self.post = [v2.Compose(o) if o else None for o in ops]  # per sample after FFCV: not FFCV operations
         self._eval: dict = {}
         self._train = self._loader("train", train=True)
 
-    def _view(self, train: bool, key: bool = False) -> list:
+    def _view(self, view: str | None, post: bool = False) -> list:
+        """FFCV decoding, crop and flip of a training view (``None``: the evaluation decoding)."""
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
         from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToDevice, ToTensor, ToTorchImage
 
-        imagenet = self.cfg.augment == "imagenet"
-        if train and imagenet:
-            ops = [RandomResizedCropRGBImageDecoder((self.size, self.size)), RandomHorizontalFlip()]
-        elif train:
-            ops = [SimpleRGBImageDecoder(), RandomHorizontalFlip()]
-            if self.cfg.crop_padding:
-                ops.append(RandomTranslate(padding=self.cfg.crop_padding))
-        else:
+        if view is None:
+            imagenet = self.cfg.augment == "imagenet"
             ops = [CenterCropRGBImageDecoder((self.size, self.size), 0.875) if imagenet else SimpleRGBImageDecoder()]
-        if key:
-            ops += ffcv_key_color(self.cfg, self.size)
+        elif crop(view, self.cfg)[0] == "resized":
+            ops = [RandomResizedCropRGBImageDecoder((self.size, self.size), scale=crop(view, self.cfg)[1]),
+                   RandomHorizontalFlip()]
+        else:
+            padding = crop(view, self.cfg)[1]
+            ops = [SimpleRGBImageDecoder(), RandomHorizontalFlip()] + ([RandomTranslate(padding=padding)] if padding else [])
         ops += [ToTensor(), ToTorchImage(channels_last=False)]
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not post:
             ops.append(ToDevice(self.device, non_blocking=True))
         return ops
 
@@ -156,10 +159,11 @@ class FFCVLoaders(_Normalizer):
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import Squeeze, ToTensor
 
-        pipelines = {"image": self._view(train), "label": [IntDecoder(), ToTensor(), Squeeze(1)],
+        query = self._view(self.views[0], self.post[0] is not None) if train else self._view(None)
+        pipelines = {"image": query, "label": [IntDecoder(), ToTensor(), Squeeze(1)],
                      "index": [IntDecoder(), ToTensor(), Squeeze(1)]}
         if train:
-            key_view = self._view(train, key=True)
+            key_view = self._view(self.views[1], self.post[1] is not None)
             pipelines["image_key"] = PipelineSpec("image", decoder=key_view[0], transforms=key_view[1:])
             options = dict(batch_size=self.cfg.batch_size // self.world_size, seed=self.seed, drop_last=True,
                            order=sharded_order(self.rank, self.world_size))
@@ -179,21 +183,19 @@ class FFCVLoaders(_Normalizer):
 
     def train(self, epoch: int):
         self._train.next_epoch = epoch  # FFCV orders epoch e by seed + e
+        torch.manual_seed(epoch_seed(self.seed, epoch, self.rank))  # the per-sample ops' RNG
         for x_q, labels, index, x_k in self._train:
-            if self.query_post:  # RandAugment is not an FFCV operation: per sample, after decoding
-                x_q = torch.stack([_apply(self.query_post, x) for x in x_q])
-            yield x_q, x_k, labels, index
+            yield self._per_sample(x_q, self.post[0]), self._per_sample(x_k, self.post[1]), labels, index
 
     def eval(self, split: str):
         if split not in self._eval:
             self._eval[split] = self._loader(split, train=False)
         return ((images, labels) for images, labels, _ in self._eval[split])
 
-
-def _apply(ops: list, image: torch.Tensor) -> torch.Tensor:
-    for op in ops:
-        image = op(image)
-    return image
+    def _per_sample(self, images: torch.Tensor, ops) -> torch.Tensor:
+        """The view's photometric ops, image by image, on the dataset's own channels."""
+        images = images[:, :self.channels]
+        return images if ops is None else torch.stack([ops(image) for image in images])
 
 
 def build_loaders(data: PreparedDataset, data_cfg, *, rank: int, world_size: int, seed: int, device: torch.device):
