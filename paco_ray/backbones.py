@@ -46,12 +46,11 @@ def _torchvision_trunk(name: str, in_channels: int) -> tuple[nn.Module, int]:
     return net, feature_dim
 
 
+TORCHVISION_BACKBONES = ("resnet18", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d")
 BACKBONES = {
     "resnet_small28": lambda c: small_resnet(c, (16, 32, 64), (1, 1, 1)),
     "resnet32": lambda c: small_resnet(c, (16, 32, 64), (5, 5, 5)),
-    "resnet18": lambda c: _torchvision_trunk("resnet18", c),
-    "resnet50": lambda c: _torchvision_trunk("resnet50", c),
-    "resnext50_32x4d": lambda c: _torchvision_trunk("resnext50_32x4d", c),
+    **{name: (lambda c, name=name: _torchvision_trunk(name, c)) for name in TORCHVISION_BACKBONES},
 }
 
 
@@ -60,3 +59,32 @@ def build_backbone(name: str, in_channels: int = 3) -> tuple[nn.Module, int]:
     if name not in BACKBONES:
         raise ValueError(f"model.backbone: unknown backbone {name!r} (choose from {', '.join(BACKBONES)})")
     return BACKBONES[name](in_channels)
+
+
+def load_pretrained(trunk: nn.Module, source: str) -> tuple[int, int]:
+    """Copy a torchvision state dict (a local ``.pth`` file or an object-storage URI) into a
+    torchvision trunk: every tensor whose name and shape match (the classifier ``fc`` never does);
+    returns (loaded, total) tensor counts. Refuses a file that matches nothing."""
+    import io
+
+    import torch
+
+    from .errors import InputError, MissingInputError
+    from .storage import filesystem, is_uri
+
+    try:
+        fs, path = filesystem(source)
+        with fs.open_input_stream(path) as stream:
+            state = torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MissingInputError(f"model.pretrained: {source} does not exist") from None
+    except Exception as err:
+        kind = "unreadable" if is_uri(source) else "not a torch state dict"
+        raise InputError(f"model.pretrained: {source}: {kind} ({type(err).__name__}: {err})".splitlines()[0]) from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    own = trunk.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape} if isinstance(state, dict) else {}
+    if not matched:
+        raise InputError(f"model.pretrained: {source} matches none of the backbone's {len(own)} tensors")
+    trunk.load_state_dict(matched, strict=False)
+    return len(matched), len(own)

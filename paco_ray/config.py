@@ -20,7 +20,7 @@ __all__ = ["ConfigError", "TrainConfig", "DataConfig", "DefaultDataConfig", "loa
 LOSSES = ("paco", "gpaco", "balanced_softmax", "ce")
 LOADERS = ("ffcv", "torch")
 AUGMENTS = ("small", "imagenet")
-VIEWS = ("crop_flip", "randaugment", "randcls", "autoaugment_cutout", "sim", "sim_cifar")  # data/augment.py
+VIEWS = ("crop_flip", "randaugment", "randcls", "randclsstack", "autoaugment_cutout", "sim", "sim_cifar")  # data/augment.py
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 
 
@@ -59,6 +59,7 @@ class ModelConfig:
     backbone: str = "resnet_small28"
     proj_dim: int = 64
     projector: str = "mlp"  # mlp: Linear-ReLU-Linear | mlp_bn: Linear-BN-ReLU-Linear (the official head)
+    pretrained: str = ""  # torchvision weights file (path or URI) loaded into the backbone, classifier excluded
 
 
 @dataclass
@@ -197,7 +198,7 @@ def _validate_data(cfg: TrainConfig) -> None:
     for name in ("query_view", "key_view"):
         view = getattr(d, name)
         _check(view in ("", *VIEWS), f"data.{name}", f"must be one of {', '.join(VIEWS)}", view)
-        _check(d.randaugment_ops > 0 or view not in ("randaugment", "randcls"), "data.randaugment_ops",
+        _check(d.randaugment_ops > 0 or view not in ("randaugment", "randcls", "randclsstack"), "data.randaugment_ops",
                f"must be > 0 with data.{name}={view}", d.randaugment_ops)
     _check(d.randaugment_ops >= 0, "data.randaugment_ops", "must be >= 0", d.randaugment_ops)
     _check(0 <= d.randaugment_magnitude <= 10, "data.randaugment_magnitude", "must be in [0, 10] (timm's scale)",
@@ -212,12 +213,15 @@ def _validate_data(cfg: TrainConfig) -> None:
 
 
 def _validate_model_and_optim(cfg: TrainConfig) -> None:
-    from .backbones import BACKBONES
+    from .backbones import BACKBONES, TORCHVISION_BACKBONES
 
     m = cfg.model
     _check(m.backbone in BACKBONES, "model.backbone", f"must be one of {', '.join(BACKBONES)}", m.backbone)
     _check(m.proj_dim >= 1, "model.proj_dim", "must be >= 1", m.proj_dim)
     _check(m.projector in ("mlp", "mlp_bn"), "model.projector", "must be mlp or mlp_bn", m.projector)
+    _check(not m.pretrained or m.backbone in TORCHVISION_BACKBONES, "model.pretrained",
+           f"needs a torchvision backbone ({', '.join(TORCHVISION_BACKBONES)})", m.pretrained)
+    check_no_credentials("model.pretrained", m.pretrained)
 
     p = cfg.paco
     _check(p.alpha >= 0, "paco.alpha", "must be >= 0", p.alpha)
@@ -264,7 +268,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     cfg = TrainConfig.from_dict(raw)
     # absolute: Ray and Tune change the working directory
     data = dataclasses.replace(cfg.data, path=absolute_storage(cfg.data.path) if cfg.data.path else "")
-    return dataclasses.replace(cfg, storage_path=absolute_storage(cfg.storage_path), data=data)
+    model = dataclasses.replace(cfg.model, pretrained=absolute_storage(cfg.model.pretrained) if cfg.model.pretrained else "")
+    return dataclasses.replace(cfg, storage_path=absolute_storage(cfg.storage_path), data=data, model=model)
 
 
 def with_data_path(cfg: TrainConfig, path: str | os.PathLike) -> TrainConfig:

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import build_backbone
+from .backbones import build_backbone, load_pretrained
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -127,8 +127,18 @@ class PaCoModel(nn.Module):
     @classmethod
     def from_config(cls, cfg: "TrainConfig", num_classes: int, in_channels: int) -> "PaCoModel":
         """The model a training config describes (its loss decides the key source)."""
-        return cls(cfg.model.backbone, num_classes, in_channels, cfg.model.proj_dim, cfg.paco.queue_size,
-                   cfg.paco.momentum, KEY_SOURCES[cfg.loss], cfg.model.projector, cfg.paco.shuffle_keys)
+        model = cls(cfg.model.backbone, num_classes, in_channels, cfg.model.proj_dim, cfg.paco.queue_size,
+                    cfg.paco.momentum, KEY_SOURCES[cfg.loss], cfg.model.projector, cfg.paco.shuffle_keys)
+        if cfg.model.pretrained:
+            model.load_backbone(cfg.model.pretrained)
+        return model
+
+    def load_backbone(self, source: str) -> tuple[int, int]:
+        """Pretrained weights into the query encoder and, as the official code does, the key encoder."""
+        loaded = load_pretrained(self.encoder, source)
+        if self.key_source == "momentum":
+            self.key_encoder.load_state_dict(self.encoder.state_dict())
+        return loaded
 
     def _key_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.key_projector(self.key_encoder(x))

@@ -206,7 +206,8 @@ def upgrade_space(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
 
 
 def _parse_base(base: Any) -> tuple[dict[str, Any], TrainConfig]:
-    """The raw base config (renamed keys upgraded, data.path absolute) and its validated config."""
+    """The raw base config (renamed keys upgraded, data.path and model.pretrained absolute) and its
+    validated config."""
     base = base or {}
     if not isinstance(base, dict):
         raise ConfigError(f"base: expected a training config mapping, got {base!r}")
@@ -218,8 +219,9 @@ def _parse_base(base: Any) -> tuple[dict[str, Any], TrainConfig]:
         base_cfg = TrainConfig.from_dict(base)
     except ConfigError as err:
         raise ConfigError(f"base: {err}") from None
-    if base_cfg.data.path:  # absolute: Tune changes the working directory
-        set_dotted(base, "data.path", absolute_storage(base_cfg.data.path))
+    for key, value in (("data.path", base_cfg.data.path), ("model.pretrained", base_cfg.model.pretrained)):
+        if value:  # absolute: Tune changes the working directory
+            set_dotted(base, key, absolute_storage(value))
     return base, base_cfg
 
 

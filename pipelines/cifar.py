@@ -95,7 +95,7 @@ def prepare(src: str | Path, out: str | Path, *, imbalance_factor: float = 100.0
                           splits={"train": samples(train_idx, train_src, train_labels, train_images),
                                   "val": samples(val_idx, train_src, train_labels, train_images),
                                   "test": samples(range(len(test_labels)), test_src, test_labels, test_images)},
-                          write_mode="raw", force=force)
+                          write_mode="raw", force=force, normalization="cifar")  # the official CIFAR statistics
 
 
 def main(argv: list[str] | None = None) -> int:

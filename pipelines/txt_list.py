@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from paco_ray.data.longtail import FEW_SHOT, MANY_SHOT
+from paco_ray.data.prepared import NORMALIZATION
 from paco_ray.data.sources import read_source
 
 from paco_ray.errors import MissingInputError
@@ -61,7 +62,8 @@ def read_class_names(path: Path) -> list[str]:
 
 def prepare(root: str | Path, out: str | Path, *, train_list: str | Path, val_list: str | Path,
             test_list: str | Path | None = None, class_names: str | Path | None = None, write_mode: str = "jpg",
-            max_resolution: int = 256, skip_bad: bool = False, force: bool = False, num_workers: int = 1) -> Path:
+            max_resolution: int = 256, skip_bad: bool = False, force: bool = False, num_workers: int = 1,
+            normalization: str = "") -> Path:
     root = Path(root).resolve()
     if not root.is_dir():
         raise MissingInputError(f"--root {root} is not a directory")
@@ -74,7 +76,7 @@ def prepare(root: str | Path, out: str | Path, *, train_list: str | Path, val_li
                    "lists": {k: str(v.resolve()) for k, v in lists.items()}, "class_names": names}
     return write_prepared(out, fingerprint=fingerprint, class_names=names, splits=splits,
                           thresholds=(MANY_SHOT, FEW_SHOT), write_mode=write_mode, max_resolution=max_resolution,
-                          skip_bad=skip_bad, force=force, num_workers=num_workers)
+                          skip_bad=skip_bad, force=force, num_workers=num_workers, normalization=normalization)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-bad", action="store_true", help="record unreadable images in the manifest and go on")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--force", action="store_true", help="rebuild even if --out is prepared")
+    parser.add_argument("--normalization", choices=[n for n, v in NORMALIZATION.items() if len(v.mean) == 3],
+                        default="", help="mean/std the training normalises with (default: ImageNet's; iNaturalist: inat)")
     args = parser.parse_args(argv)
     return run_cli(lambda a: prepare(a.root, a.out, train_list=a.train_list, val_list=a.val_list,
                                      test_list=a.test_list, class_names=a.class_names, write_mode=a.write_mode,
                                      max_resolution=a.max_resolution, skip_bad=a.skip_bad, force=a.force,
-                                     num_workers=a.num_workers), args)
+                                     num_workers=a.num_workers, normalization=a.normalization), args)
 
 
 if __name__ == "__main__":

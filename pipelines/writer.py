@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from paco_ray.data.longtail import shot_group
-from paco_ray.data.prepared import FILES_KEY
+from paco_ray.data.prepared import FILES_KEY, NORMALIZATION, NORMALIZATION_KEY
 from paco_ray.data.staging import MANIFEST, MARKER, file_digest
 from paco_ray.errors import InputError
 from paco_ray.storage import check_no_credentials, exists, filesystem, is_uri, storage_error, write_text
@@ -194,7 +194,7 @@ def write_beton(path: Path, samples: Sequence[Sample], *, write_mode: str, max_r
 def write_prepared(out: str | Path, *, fingerprint: dict, class_names: Sequence[str],
                    splits: dict[str, Sequence[Sample]], thresholds: tuple[int, int], write_mode: str = "raw",
                    max_resolution: int | None = None, skip_bad: bool = False, force: bool = False,
-                   num_workers: int = 1) -> Path | str:
+                   num_workers: int = 1, normalization: str = "") -> Path | str:
     """Validate, then write manifest, classes and one .beton per split into ``out`` (a directory,
     or an object-storage URI) atomically; returns where the dataset is."""
     remote = is_uri(str(out))
@@ -202,7 +202,8 @@ def write_prepared(out: str | Path, *, fingerprint: dict, class_names: Sequence[
         check_no_credentials("--out", str(out))
     out = str(out).rstrip("/") if remote else Path(out).resolve()
     fingerprint = {**fingerprint, "format": FORMAT_VERSION, "splits": list(splits), "write_mode": write_mode,
-                   "max_resolution": max_resolution, "skip_bad": skip_bad}
+                   "max_resolution": max_resolution, "skip_bad": skip_bad,
+                   **({"normalization": normalization} if normalization else {})}
     if _check_remote_output(out, fingerprint, force) if remote else _check_output(out, fingerprint, force):
         print(f"{out}: already prepared with these inputs (use --force to rebuild)")
         return out
@@ -219,6 +220,9 @@ def write_prepared(out: str | Path, *, fingerprint: dict, class_names: Sequence[
         kept[split] = good
         rows += [(split, i, s.label, s.source, False, "") for i, s in enumerate(good)]
         rows += [(split, -1, s.label, s.source, True, reason) for s, reason in bad]
+    if normalization and len(NORMALIZATION.get(normalization, ((),))[0]) != channels:
+        raise PipelineError(f"--normalization: {normalization!r} is not one of the {channels}-channel statistics "
+                            f"({', '.join(k for k, v in NORMALIZATION.items() if len(v.mean) == channels)})")
     train_counts = np.bincount([s.label for s in kept.get("train", [])], minlength=num_classes)
     empty = [class_names[c] for c in range(num_classes) if train_counts[c] == 0]
     if empty:
@@ -229,7 +233,7 @@ def write_prepared(out: str | Path, *, fingerprint: dict, class_names: Sequence[
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write_classes(tmp, class_names, train_counts, thresholds, channels, shapes)
+        _write_classes(tmp, class_names, train_counts, thresholds, channels, shapes, normalization)
         for split, good in kept.items():
             write_beton(tmp / f"{split}.beton", good, write_mode=write_mode, max_resolution=max_resolution,
                         num_workers=num_workers)
@@ -253,7 +257,8 @@ def write_prepared(out: str | Path, *, fingerprint: dict, class_names: Sequence[
 
 
 def _write_classes(directory: Path, class_names: Sequence[str], train_counts: np.ndarray,
-                   thresholds: tuple[int, int], channels: int, shapes: set[tuple[int, int]]) -> None:
+                   thresholds: tuple[int, int], channels: int, shapes: set[tuple[int, int]],
+                   normalization: str) -> None:
     many, few = thresholds
     num_classes = len(class_names)
     pq.write_table(pa.table({
@@ -265,6 +270,7 @@ def _write_classes(directory: Path, class_names: Sequence[str], train_counts: np
     }).replace_schema_metadata({
         b"paco_ray.channels": str(channels).encode(),
         b"paco_ray.image_size": str(_common_square_side(shapes)).encode(),
+        NORMALIZATION_KEY: normalization.encode(),
     }), directory / "classes.parquet")
 
 

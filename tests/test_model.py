@@ -92,9 +92,45 @@ def test_backbones_produce_pooled_features(name, channels, size, dim):
 
 
 def test_large_backbones_are_registered():
-    for name, dim in (("resnet50", 2048), ("resnext50_32x4d", 2048)):
+    for name, dim in (("resnet50", 2048), ("resnext50_32x4d", 2048), ("resnet152", 2048)):
         assert build_backbone(name, 3)[1] == dim
-    assert {"resnet18", "resnet50", "resnext50_32x4d", "resnet32", "resnet_small28"} <= set(BACKBONES)
+    assert {"resnet18", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnet32", "resnet_small28"} \
+        <= set(BACKBONES)
+
+
+def test_pretrained_torchvision_weights_load_into_both_encoders_but_not_the_classifier(tmp_path, tiny_config):
+    import torchvision
+    reference = torchvision.models.resnet18(weights=None, num_classes=1000)  # a torchvision weights file, 1000 classes
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    cfg = tiny_config("model.backbone=resnet18", f"model.pretrained={tmp_path / 'resnet18.pth'}")
+    model = PaCoModel.from_config(cfg, num_classes=5, in_channels=3)
+    want = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    for encoder in (model.encoder, model.key_encoder):
+        got = encoder.state_dict()
+        assert set(got) == set(want)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert model.classifier.weight.shape == (5, 512)
+    fresh = PaCoModel.from_config(tiny_config("model.backbone=resnet18"), num_classes=5, in_channels=3)
+    assert not torch.equal(fresh.encoder.conv1.weight, reference.conv1.weight)  # without it: random init
+
+
+def test_pretrained_errors_name_the_file(tmp_path, tiny_config):
+    from paco_ray.errors import InputError, MissingInputError
+    from paco_ray.schema import ConfigError
+
+    def build(path):
+        return PaCoModel.from_config(tiny_config("model.backbone=resnet18", f"model.pretrained={path}"), 5, 3)
+
+    with pytest.raises(MissingInputError, match=r"model.pretrained: .*missing.pth does not exist"):
+        build(tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a pickle")
+    with pytest.raises(InputError, match=r"model.pretrained: .*junk.pth: not a torch state dict"):
+        build(tmp_path / "junk.pth")
+    torch.save(build_backbone("resnet_small28", 3)[0].state_dict(), tmp_path / "other.pth")
+    with pytest.raises(InputError, match=r"other.pth matches none of the backbone's \d+ tensors"):
+        build(tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="model.pretrained: needs a torchvision backbone"):
+        tiny_config(f"model.pretrained={tmp_path / 'other.pth'}")
 
 
 def _gather_worker(rank: int, world: int, init_file: str, out_dir: str):

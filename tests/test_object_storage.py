@@ -1,6 +1,7 @@
 """Prepared datasets in object storage, against a real S3-protocol server on 127.0.0.1 (moto's
 server mode, reached over HTTP through pyarrow): upload with a completion marker, staging once
 per node, and each fault as a one-line error naming the object with nothing partial used."""
+import io
 import json
 import os
 import signal
@@ -113,6 +114,22 @@ def test_missing_bucket_and_missing_dataset(s3, tmp_path):
         stage("s3://no-such-bucket/x", tmp_path / "cache")
     with pytest.raises(DatasetError, match=r"s3://paco-test/nothing-here holds no prepared dataset"):
         stage(s3.uri("nothing-here"), tmp_path / "cache")
+
+
+def test_pretrained_weights_load_from_the_bucket(s3):
+    import torch
+    import torchvision
+
+    from paco_ray.backbones import build_backbone, load_pretrained
+
+    reference = torchvision.models.resnet18(weights=None)
+    buffer = io.BytesIO()
+    torch.save(reference.state_dict(), buffer)
+    with s3.fs.open_output_stream(f"{s3.bucket}/weights/resnet18.pth") as out:
+        out.write(buffer.getvalue())
+    trunk, _ = build_backbone("resnet18", 3)
+    loaded, total = load_pretrained(trunk, s3.uri("weights/resnet18.pth"))
+    assert loaded == total and torch.equal(trunk.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
 
 
 def test_a_download_killed_midway_leaves_nothing_that_is_read(uploaded, tmp_path):

@@ -14,6 +14,7 @@ from paco_ray.data.longtail import exponential_profile
 from paco_ray.data.prepared import DatasetError, PreparedDataset
 from paco_ray.data.sources import read_source
 from pipelines import cifar, fashion_mnist, txt_list
+from pipelines.writer import PipelineError
 
 
 def eval_pixels(out, split):
@@ -107,6 +108,7 @@ def test_cifar_lt_profile_and_round_trip(variant, per_class, imbalance, tmp_path
     assert cifar.main(["--src", str(tmp_path / "src"), "--out", str(out), "--imbalance-factor", str(imbalance),
                        "--val-per-class", "1"]) == 0
     prepared = PreparedDataset.open(out)
+    assert prepared.mean == (0.4914, 0.4822, 0.4465)  # the official CIFAR statistics
     num_classes = 10 if variant == "cifar10" else 100
     expected = exponential_profile(per_class - 1, num_classes, imbalance)
     assert list(prepared.classes.train_counts) == expected
@@ -185,6 +187,7 @@ def test_txt_list_jpeg_and_raw(tmp_path, ffcv_uncompiled):
         assert data.classes.train_counts == (5, 3, 2) and data.channels == 3
         assert data.sources["train"][0] == str(tmp_path / "train/c0/img0.jpg")
         assert data.image_size == 0  # sizes vary
+        assert data.mean == (0.485, 0.456, 0.406) and data.normalization == ""  # ImageNet's by default
     with pytest.raises(DatasetError, match="data.image_size: images in .* vary in size"):
         build_loaders(data, DataConfig(path=str(out)), rank=0, world_size=1, seed=0, device=torch.device("cpu"))
     # raw mode keeps exact pixels (no resize below 64 px)
@@ -196,6 +199,29 @@ def test_txt_list_jpeg_and_raw(tmp_path, ffcv_uncompiled):
     x_q, x_k, y, index = next(iter(loaders.train(0)))
     assert x_q.shape == (2, 3, 16, 16) and x_k.shape == (2, 3, 16, 16)
     assert next(iter(loaders.eval("test")))[0].shape == (3, 3, 16, 16)
+
+
+def test_normalization_is_recorded_per_dataset_and_used_by_the_loaders(tmp_path, capsys):
+    lists = make_image_tree(tmp_path)
+    common = ["--root", str(tmp_path), "--train-list", str(lists["train"]), "--val-list", str(lists["val"]),
+              "--write-mode", "raw", "--max-resolution", "8"]
+    assert txt_list.main([*common, "--out", str(tmp_path / "inat"), "--normalization", "inat"]) == 0
+    data = PreparedDataset.open(tmp_path / "inat")
+    assert (data.mean, data.std) == ((0.466, 0.471, 0.380), (0.195, 0.194, 0.192))  # the official iNat statistics
+    loaders = build_loaders(data, DataConfig(path=str(data.path), image_size=8, augment="imagenet"), rank=0,
+                            world_size=1, seed=0, device=torch.device("cpu"))
+    mean_image = torch.tensor([[[[round(255 * m)]] for m in data.mean]], dtype=torch.uint8).expand(1, 3, 4, 4)
+    assert loaders.normalize(mean_image).abs().max() < 0.02  # the mean colour normalises to ~0
+    with pytest.raises(PipelineError, match="--normalization: 'fashion_mnist' is not one of the 3-channel"):
+        txt_list.prepare(tmp_path, tmp_path / "gray", train_list=lists["train"], val_list=lists["val"],
+                         write_mode="raw", normalization="fashion_mnist")
+    assert not (tmp_path / "gray").exists()
+    # a classes.parquet naming statistics that do not exist is refused by name
+    classes = pq.read_table(tmp_path / "inat" / "classes.parquet")
+    pq.write_table(classes.replace_schema_metadata({**classes.schema.metadata, b"paco_ray.normalization": b"bogus"}),
+                   tmp_path / "inat" / "classes.parquet")
+    with pytest.raises(DatasetError, match="classes.parquet: normalization 'bogus'"):
+        PreparedDataset.open(tmp_path / "inat")
 
 
 @pytest.mark.parametrize("line,message", [

@@ -8,6 +8,7 @@ import yaml
 
 from paco_ray import tune as tune_cli
 from paco_ray.config import ConfigError
+from paco_ray.data.augment import view_names
 from paco_ray.search_space import load_space, parse, resolve_trials
 from paco_ray.tune import TrialSummary, concurrency, prune_checkpoints, scale_to_cluster
 
@@ -37,6 +38,10 @@ def test_every_shipped_space_parses_and_resolves_its_trials(capsys):
         assert tune_cli.main([str(path), "--dry-run"]) == 0
         out = capsys.readouterr().out
         assert f"{space.num_samples} trials" in out and "paco.queue_size" in out
+        query, key = view_names(space.full_config().data)
+        assert (query, key) != ("crop_flip", "crop_flip") or path.stem == "fashion_mnist_lt"  # the published views
+    places = load_space(SPACES[0].parent / "places_lt.yaml").full_config()
+    assert places.model.backbone == "resnet152" and Path(places.model.pretrained).is_absolute()  # Tune moves cwd
 
 
 def test_imagenet_dry_run_describes_gpu_trials(capsys):

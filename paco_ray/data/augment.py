@@ -8,6 +8,7 @@ then per-sample photometric ops. A view is named by ``data.query_view`` / ``data
 - ``randaugment``: ``crop_flip`` + timm's RandAugment n ``randaugment_ops`` m ``randaugment_magnitude``
   mstd ``randaugment_std``, filled with the dataset's mean colour;
 - ``randcls``: ``crop_flip`` + colour jitter 0.4/0.4/0.4 + that RandAugment (official ImageNet-LT/iNat query);
+- ``randclsstack``: ``randcls`` with grayscale p 0.2 and blur p 0.5 before RandAugment (official ResNeXt query);
 - ``autoaugment_cutout``: ``crop_flip`` + AutoAugment (CIFAR-10 policy, grey fill) + Cutout
   ``data.cutout`` (official CIFAR query);
 - ``sim``: random resized crop 0.08-1 + flip + colour jitter 0.4/0.4/0.4 + grayscale p 0.2 +
@@ -65,6 +66,8 @@ def photometric(view: str, data_cfg, fill: tuple[int, ...]) -> list:
         "crop_flip": lambda: [],
         "randaugment": lambda: [randaugment(data_cfg, fill)],
         "randcls": lambda: [v2.ColorJitter(0.4, 0.4, 0.4), randaugment(data_cfg, fill)],
+        "randclsstack": lambda: [v2.ColorJitter(0.4, 0.4, 0.4), v2.RandomGrayscale(p=0.2), blur,
+                                 randaugment(data_cfg, fill)],
         "autoaugment_cutout": lambda: [v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=128), Cutout(data_cfg.cutout)],
         "sim": lambda: [v2.ColorJitter(0.4, 0.4, 0.4), v2.RandomGrayscale(p=0.2), blur],
         "sim_cifar": lambda: [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),

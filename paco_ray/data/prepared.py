@@ -17,8 +17,16 @@ class Normalization(NamedTuple):
     std: tuple[float, ...]
 
 
-NORMALIZATION = {1: Normalization((0.2860,), (0.3530,)),                             # Fashion-MNIST
-                 3: Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}     # ImageNet statistics
+# Per-dataset statistics, as the official recipes use them; a pipeline records its choice in
+# classes.parquet. Datasets prepared without one use the default of their channel count.
+NORMALIZATION = {
+    "fashion_mnist": Normalization((0.2860,), (0.3530,)),
+    "cifar": Normalization((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "imagenet": Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # also Places-LT's
+    "inat": Normalization((0.466, 0.471, 0.380), (0.195, 0.194, 0.192)),
+}
+DEFAULT_NORMALIZATION = {1: "fashion_mnist", 3: "imagenet"}
+NORMALIZATION_KEY = b"paco_ray.normalization"  # classes.parquet metadata: a NORMALIZATION name
 
 
 FILES_KEY = b"paco_ray.files"  # manifest metadata: {file name: {"size", "sha256"}} of the other files
@@ -36,14 +44,19 @@ class PreparedDataset:
     sources: dict[str, list[str]]   # split -> source of each .beton row
     labels: dict[str, list[int]]
     image_size: int = 0  # side of the stored square images when all share it, else 0
+    normalization: str = ""  # a NORMALIZATION name; empty: the default of the channel count
+
+    @property
+    def statistics(self) -> Normalization:
+        return NORMALIZATION[self.normalization or DEFAULT_NORMALIZATION[self.channels]]
 
     @property
     def mean(self) -> tuple[float, ...]:
-        return NORMALIZATION[self.channels].mean
+        return self.statistics.mean
 
     @property
     def std(self) -> tuple[float, ...]:
-        return NORMALIZATION[self.channels].std
+        return self.statistics.std
 
     def size(self, split: str) -> int:
         return len(self.labels[split])
@@ -68,6 +81,10 @@ class PreparedDataset:
         meta = classes_table.schema.metadata or {}
         classes = ClassInfo(tuple(c["name"]), tuple(c["train_count"]), int(c["many_threshold"][0]),
                             int(c["few_threshold"][0]))
+        channels, normalization = int(meta.get(b"paco_ray.channels", b"3")), meta.get(NORMALIZATION_KEY, b"").decode()
+        if normalization and (normalization not in NORMALIZATION or len(NORMALIZATION[normalization].mean) != channels):
+            raise DatasetError(f"data.path: {path / 'classes.parquet'}: normalization {normalization!r} is not one of "
+                               f"the {channels}-channel statistics")
         for name, recorded, derived in zip(classes.names, c["shot_group"], classes.shot_groups()):
             if recorded != derived:  # the table was edited by hand: counts and groups disagree
                 raise DatasetError(f"data.path: {path / 'classes.parquet'}: class {name!r} is recorded as "
@@ -89,5 +106,4 @@ class PreparedDataset:
             size = (path / name).stat().st_size
             if size != recorded["size"]:  # a truncated or replaced file; checksums are checked when staging
                 raise DatasetError(f"data.path: {path / name} has {size} bytes, the manifest records {recorded['size']}")
-        return cls(path, classes, int(meta.get(b"paco_ray.channels", b"3")), sources, labels,
-                   int(meta.get(b"paco_ray.image_size", b"0")))
+        return cls(path, classes, channels, sources, labels, int(meta.get(b"paco_ray.image_size", b"0")), normalization)
