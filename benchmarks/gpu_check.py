@@ -14,6 +14,7 @@ Prints one table: check, result, figure.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 import time
@@ -60,9 +61,7 @@ def make_dataset(root: Path) -> Path:
     import pipelines.writer as writer
     from pipelines.fashion_mnist import prepare
 
-    try:
-        import ffcv  # noqa: F401
-    except ImportError:  # the torch loader never opens the .beton files
+    if importlib.util.find_spec("ffcv") is None:  # the torch loader never opens the .beton files
         writer.write_beton = lambda path, samples, **_: Path(path).touch()
     rng = np.random.default_rng(0)
     raw = root / "raw"

@@ -33,7 +33,7 @@ from .evaluate import evaluate_split
 from .faults import KillPlan
 from .losses import compute_loss
 from .model import PaCoModel
-from .optim import build_optimizer
+from .optim import build_optimizer, skip_next_step_if
 from .session import LocalSession, RaySession
 
 __all__ = ["train", "train_one_epoch", "train_loop_per_worker", "fit", "main", "LocalSession", "RaySession"]
@@ -126,20 +126,26 @@ def use_amp(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.amp and device.type == "cuda"
 
 
+NONFINITE_CHECK_EVERY = 50  # steps between the host's looks at the non-finite flags (one sync each)
+
+
 def train_one_epoch(cfg: TrainConfig, model, loaders, optimizer, scheduler, scaler, log_prior: torch.Tensor,
                     epoch: int, steps_per_epoch: int, rank: int, kill_plan: KillPlan | None = None) -> EpochStats:
     """One pass over this rank's shard of the training split. A step whose loss is not finite on
-    any rank stops the run with an error naming it, or is skipped on every rank (skip_nonfinite)."""
+    any rank is skipped on every rank, on the device; the host looks at the flags every
+    NONFINITE_CHECK_EVERY steps and at the end, and stops with an error naming the first such step
+    unless ``skip_nonfinite``. No per-step host sync: bookkeeping stays on the device."""
     device = log_prior.device
     amp_dtype, amp = getattr(torch, cfg.amp_dtype), use_amp(cfg, device)
     model.train()
     started = time.perf_counter()
-    loss_sum = torch.zeros((), device=device)
+    loss_sum, images = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
     seen = torch.zeros(loaders.data.size("train"), dtype=torch.int32, device=device)
-    steps = local_images = skipped = 0
+    flags: list[torch.Tensor] = []  # per step: 1 when the loss was not finite on some rank
+    losses: list[torch.Tensor] = []
     for x_q, x_k, labels, index in loaders.train(epoch):
         if kill_plan is not None:
-            kill_plan.maybe_kill(rank, epoch * steps_per_epoch + steps + skipped + 1)
+            kill_plan.maybe_kill(rank, epoch * steps_per_epoch + len(flags) + 1)
         x_q, labels = loaders.normalize(x_q), labels.to(device, non_blocking=True)
         x_k = loaders.normalize(x_k) if cfg.contrastive else None
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
@@ -147,29 +153,48 @@ def train_one_epoch(cfg: TrainConfig, model, loaders, optimizer, scheduler, scal
             loss = compute_loss(cfg.loss, out, labels, log_prior, cfg.paco)
         optimizer.zero_grad(set_to_none=True)
         # every rank takes the same decision, or DDP would wait forever in backward
-        if all_reduce_sum((~torch.isfinite(loss.detach())).to(torch.int32)).item() > 0:
-            step = steps + skipped + 1
-            where = f"epoch {epoch + 1}, step {step} (global step {epoch * steps_per_epoch + step})"
-            if not cfg.skip_nonfinite:
-                raise FloatingPointError(f"non-finite loss ({loss.item()}) at {where}; "
-                                         "set skip_nonfinite: true to skip such steps")
-            sys.stderr.write(f"warning: skipped a step with a non-finite loss at {where}\n")
-            skipped += 1
-            continue
+        bad = all_reduce_sum((~torch.isfinite(loss.detach())).to(torch.int32)).clamp_(max=1)
+        flags.append(bad)
+        losses.append(loss.detach().float())
+        if not cfg.skip_nonfinite and len(flags) % NONFINITE_CHECK_EVERY == 0:
+            check_finite(flags, losses, epoch, steps_per_epoch)
         scaler.scale(loss).backward()
+        skip_next_step_if(optimizer, bad)
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
-        loss_sum += loss.detach()
-        seen[index.to(device)] += 1
-        steps += 1
-        local_images += labels.numel()
-    if steps == 0:
-        raise FloatingPointError(f"every step of epoch {epoch + 1} had a non-finite loss ({skipped} skipped)")
+        scheduler.step()  # the schedule counts batches, skipped ones included
+        ok = 1 - bad
+        loss_sum += torch.where(bad.bool(), 0.0, losses[-1])
+        seen.index_add_(0, index.to(device, non_blocking=True), ok.expand(index.numel()))
+        images += ok * labels.numel()
+    if not cfg.skip_nonfinite:
+        check_finite(flags, losses, epoch, steps_per_epoch)
+    skipped = nonfinite_steps(flags)
+    for step in skipped:
+        sys.stderr.write(f"warning: skipped a step with a non-finite loss at {where(epoch, step, steps_per_epoch)}\n")
+    if len(skipped) == len(flags):
+        raise FloatingPointError(f"every step of epoch {epoch + 1} had a non-finite loss ({len(skipped)} skipped)")
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return EpochStats(loss=all_reduce_sum(loss_sum / steps).item() / world_size,
+    return EpochStats(loss=all_reduce_sum(loss_sum / (len(flags) - len(skipped))).item() / world_size,
                       elapsed=time.perf_counter() - started, seen=all_reduce_sum(seen),
-                      local_images=local_images, skipped=skipped)
+                      local_images=int(images.item()), skipped=len(skipped))
+
+
+def nonfinite_steps(flags: list[torch.Tensor]) -> list[int]:
+    """The 1-based steps flagged non-finite (one host sync for all of them)."""
+    return (torch.stack(flags).cpu().nonzero().flatten() + 1).tolist() if flags else []
+
+
+def where(epoch: int, step: int, steps_per_epoch: int) -> str:
+    return f"epoch {epoch + 1}, step {step} (global step {epoch * steps_per_epoch + step})"
+
+
+def check_finite(flags: list[torch.Tensor], losses: list[torch.Tensor], epoch: int, steps_per_epoch: int) -> None:
+    """Stop, naming the first step whose loss was not finite on some rank."""
+    steps = nonfinite_steps(flags)
+    if steps:
+        raise FloatingPointError(f"non-finite loss ({losses[steps[0] - 1].item()}) at "
+                                 f"{where(epoch, steps[0], steps_per_epoch)}; set skip_nonfinite: true to skip such steps")
 
 
 def epoch_metrics(cfg: TrainConfig, model, optimizer, epoch: int, stats: EpochStats,

@@ -200,6 +200,64 @@ def test_skip_nonfinite_skips_the_step_and_keeps_training(tiny_config, tmp_path,
     assert "skipped a step with a non-finite loss at epoch 1, step 2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_a_flagged_step_leaves_weights_and_momentum_untouched_even_as_the_first_step(momentum):
+    from paco_ray.config import OptimConfig
+    from paco_ray.optim import build_optimizer, skip_next_step_if
+
+    model = torch.nn.Linear(3, 2)
+    optim = OptimConfig(lr=0.1, momentum=momentum, weight_decay=1e-3, warmup_epochs=0)
+    optimizer, _ = build_optimizer(model, optim, 10)
+    reference = torch.nn.Linear(3, 2)
+    reference.load_state_dict(model.state_dict())
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    skip_next_step_if(optimizer, torch.tensor(1, dtype=torch.int32))
+    optimizer.step()  # skipped: nothing moves, NaN gradients included
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for step in range(3):  # then the same trajectory as plain (unfused) SGD that never saw the skipped step
+        for p, q in zip(model.parameters(), reference.parameters()):
+            p.grad = q.grad = torch.full_like(p, 0.5 + step)
+        skip_next_step_if(optimizer, torch.tensor(0, dtype=torch.int32))
+        optimizer.step()
+        plain.step()
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(model.parameters(), reference.parameters()))
+    if momentum:  # an unfused optimizer's state dict (older checkpoints) still skips once loaded
+        optimizer.load_state_dict(plain.state_dict())
+        snapshot = [p.detach().clone() for p in model.parameters()]
+        skip_next_step_if(optimizer, torch.tensor(1, dtype=torch.int32))
+        optimizer.step()
+        assert all(torch.equal(a, b) for a, b in zip(snapshot, model.parameters()))
+
+
+def test_the_step_does_not_wait_for_the_host_each_step(tiny_config, tmp_path, monkeypatch):
+    """.item() (a host sync on GPU) runs a fixed number of times per training epoch, not once per step."""
+    import paco_ray.train as train_module
+
+    calls, active = {"n": 0}, {"on": False}
+    real_item, real_epoch = torch.Tensor.item, train_module.train_one_epoch
+
+    def counting(self):
+        calls["n"] += active["on"]
+        return real_item(self)
+
+    def epoch(*args, **kwargs):
+        active["on"] = True
+        try:
+            return real_epoch(*args, **kwargs)
+        finally:
+            active["on"] = False
+
+    monkeypatch.setattr(torch.Tensor, "item", counting)
+    monkeypatch.setattr(train_module, "train_one_epoch", epoch)
+    cfg = tiny_config("loss=paco", "data.batch_size=4", "optim.epochs=1", "optim.warmup_epochs=0")
+    train(cfg, LocalSession(tmp_path / "out"))
+    # the DataLoader's seed, the epoch's mean loss and its image count: 3 for 29 steps
+    assert len_train(cfg) // 4 >= 20 and calls["n"] <= 3
+
+
 def test_a_config_without_a_dataset_is_refused_in_the_loop(tiny_config, tmp_path):
     from paco_ray.data.prepared import DatasetError
 
