@@ -29,14 +29,17 @@ def _gray(image: torch.Tensor) -> torch.Tensor:
 
 
 def _smoothed(image: torch.Tensor) -> torch.Tensor:
-    """PIL's SMOOTH filter ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, rounded), borders unchanged."""
-    c = image.shape[1]
-    kernel = torch.ones(3, 3, device=image.device)
-    kernel[1, 1] = 5.0
-    kernel = (kernel / kernel.sum()).expand(c, 1, 3, 3)
-    out = image.float().clone()
-    out[..., 1:-1, 1:-1] = F.conv2d(image.float(), kernel, groups=c).round_()
-    return out
+    """PIL's SMOOTH filter ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, rounded), borders unchanged:
+    nine shifted sums in int16 (at most 13 x 255)."""
+    x = image.to(torch.int16)
+    h, w = x.shape[-2:]
+    total = 4 * x[..., 1:-1, 1:-1]
+    for dy in range(3):
+        for dx in range(3):
+            total = total + x[..., dy:dy + h - 2, dx:dx + w - 2]
+    out = x.clone()
+    out[..., 1:-1, 1:-1] = torch.div(2 * total + 13, 26, rounding_mode="floor")  # round half up
+    return out.float()
 
 
 def affine(image: torch.Tensor, matrix: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
@@ -93,12 +96,13 @@ def apply_op(name: str, image: torch.Tensor, level: torch.Tensor, sign: torch.Te
     if name == "Posterize":  # keep int(4 level / 10) most significant bits
         bits = (level / 10 * 4).long()
         return image & ((255 << (8 - bits)) & 255).to(torch.uint8).view(view)
-    if name == "Solarize":  # invert pixels >= threshold
+    if name == "Solarize":  # invert pixels >= threshold (256: none)
         threshold = (level / 10 * 256).long().clamp(max=256).view(view)
-        return torch.where(image.long() >= threshold, 255 - image, image)
+        invert = (image >= threshold.clamp(max=255).to(torch.uint8)) & (threshold < 256)
+        return torch.where(invert, 255 - image, image)
     if name == "SolarizeAdd":  # add to pixels below 128
-        add = (level / 10 * 110).long().clamp(max=128).view(view)
-        return torch.where(image < 128, (image.long() + add).clamp(max=255).to(torch.uint8), image)
+        add = (level / 10 * 110).long().clamp(max=128).to(torch.uint8).view(view)
+        return torch.where(image < 128, image + add, image)  # below 128 + at most 128: no overflow
     return {"AutoContrast": TF.autocontrast, "Equalize": TF.equalize, "Invert": TF.invert}[name](image)
 
 
