@@ -373,6 +373,12 @@ def retrain_best(best_cfg: TrainConfig) -> int:
     return 0
 
 
+def unfinished_trials(results, space: SearchSpace) -> int:
+    """Trials that neither finished nor failed: still running when the search was interrupted, or
+    never started (a best config from such a search would come from a smaller budget)."""
+    return max(0, space.num_samples - results.num_terminated - results.num_errors)
+
+
 def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
     """The search, step by step: open (or resume) the experiment, prepare the data, fit the Tuner,
     summarise and prune, and optionally retrain the best config."""
@@ -390,7 +396,7 @@ def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
     started = time.perf_counter()
     with _environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):  # TensorBoard comes from the trials' own writer
         results = tuner.fit()
-    unfinished = len(results) - results.num_terminated - results.num_errors
+    unfinished = unfinished_trials(results, space)
     if unfinished:  # interrupted (Ctrl-C): keep every checkpoint for --resume
         print(f"error: interrupted with {unfinished} unfinished trials; continue with --resume", file=sys.stderr)
         return 1

@@ -10,7 +10,7 @@ from paco_ray import tune as tune_cli
 from paco_ray.config import ConfigError
 from paco_ray.data.augment import view_names
 from paco_ray.search_space import load_space, parse, resolve_trials
-from paco_ray.tune import TrialSummary, concurrency, prune_checkpoints, scale_to_cluster
+from paco_ray.tune import TrialSummary, concurrency, prune_checkpoints, scale_to_cluster, unfinished_trials
 
 SPACES = sorted(Path(__file__).parent.parent.joinpath("search_spaces").glob("*.yaml"))
 MINIMAL = {
@@ -211,3 +211,12 @@ def test_pruning_keeps_the_best_checkpoints_of_the_best_trials(where, tmp_path, 
     left = sorted(c.split("/t/train/", 1)[1] for run in subdirectories(fs, f"{root}/t/train")
                   for c in subdirectories(fs, run))
     assert left == ["a/checkpoint_1", "b/checkpoint_0", "e/checkpoint_0", "e/checkpoint_unreported"]
+
+
+def test_an_interrupted_search_counts_its_never_started_trials_as_unfinished():
+    from types import SimpleNamespace
+
+    space = parse({**copy.deepcopy(MINIMAL), "num_samples": 6})
+    stopped = SimpleNamespace(num_terminated=2, num_errors=2)  # 2 running trials ended as errors, 2 never began
+    assert unfinished_trials(stopped, space) == 2
+    assert unfinished_trials(SimpleNamespace(num_terminated=5, num_errors=1), space) == 0
