@@ -139,15 +139,14 @@ class FFCVLoaders(_Normalizer):
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
         from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToDevice, ToTensor, ToTorchImage
 
+        kind, arg = crop(view, self.cfg) if view is not None else (None, None)
         if view is None:
             imagenet = self.cfg.augment == "imagenet"
             ops = [CenterCropRGBImageDecoder((self.size, self.size), 0.875) if imagenet else SimpleRGBImageDecoder()]
-        elif crop(view, self.cfg)[0] == "resized":
-            ops = [RandomResizedCropRGBImageDecoder((self.size, self.size), scale=crop(view, self.cfg)[1]),
-                   RandomHorizontalFlip()]
+        elif kind == "resized":
+            ops = [RandomResizedCropRGBImageDecoder((self.size, self.size), scale=arg), RandomHorizontalFlip()]
         else:
-            padding = crop(view, self.cfg)[1]
-            ops = [SimpleRGBImageDecoder(), RandomHorizontalFlip()] + ([RandomTranslate(padding=padding)] if padding else [])
+            ops = [SimpleRGBImageDecoder(), RandomHorizontalFlip()] + ([RandomTranslate(padding=arg)] if arg else [])
         ops += [ToTensor(), ToTorchImage(channels_last=False)]
         if self.device.type == "cuda" and not post:
             ops.append(ToDevice(self.device, non_blocking=True))
