@@ -1,10 +1,15 @@
-"""Images/s of timm's RandAugment (rand-n2-m10-mstd0.5) image by image (``TimmRandAugment``, the
-reference) against the batched implementation (``BatchedRandAugment``), batch 128 of uint8 RGB
-images at 32 and 224 px, on the CPU (one thread) and on CUDA when present.
+"""Images/s of the views' photometric ops image by image (``augment.photometric``: timm's
+RandAugment on PIL, torchvision's ops on tensors; the reference) against the batched
+implementation the loaders run (``augment.batched_photometric``), batch 128 of uint8 RGB images,
+on the CPU and on CUDA when present.
 
-python benchmarks/augment.py [--batch 128] [--repeats 5]
+python benchmarks/augment.py [--batch 128] [--repeats 5] [--threads 1]
 
-Prints the median images/s of each over --repeats batches and their ratio (goal: batched >= 10x).
+Views: the RandAugment query alone (timm rand-n2-m10-mstd0.5) at 32 and 224 px, then each
+published recipe at its family's size: CIFAR (32 px) autoaugment_cutout / sim_cifar, ImageNet
+(224 px) randcls / sim. On CUDA the per-sample reference runs on the CPU (as a loader would run
+it: timm needs PIL) and its batch is copied to the device. Prints the median images/s of each
+over --repeats batches and their ratio (goal: batched >= 10x).
 """
 from __future__ import annotations
 
@@ -15,12 +20,15 @@ import time
 from pathlib import Path
 
 import torch
+from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paco_ray.data.augment_ops import TimmRandAugment  # noqa: E402
-from paco_ray.data.batched_augment import BatchedRandAugment  # noqa: E402
+from paco_ray.config import DataConfig  # noqa: E402
+from paco_ray.data.augment import batched_photometric, photometric  # noqa: E402
 
 FILL = (124, 116, 104)  # ImageNet's mean colour
+CASES = [("randaugment", 32), ("randaugment", 224), ("autoaugment_cutout", 32), ("sim_cifar", 32),
+         ("randcls", 224), ("sim", 224)]
 
 
 def images(batch: int, size: int, device: torch.device) -> torch.Tensor:
@@ -47,19 +55,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch intra-op)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    per_sample, batched = TimmRandAugment(2, 10, 0.5, FILL), BatchedRandAugment(2, 10, 0.5, FILL)
+    cfg = DataConfig(randaugment_ops=2, randaugment_magnitude=10, randaugment_std=0.5, cutout=16)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    ratios = []
     for device in devices:
-        name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (1 thread)"
-        for size in (32, 224):
+        name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({args.threads} thread(s))"
+        for view, size in CASES:
+            reference, batched = v2.Compose(photometric(view, cfg, FILL)), batched_photometric(view, cfg, FILL)
+            generator = torch.Generator().manual_seed(0)
             batch = images(args.batch, size, device)
-            loop = rate(lambda b: torch.stack([per_sample(x) for x in b.cpu()]).to(device), batch, args.repeats, device)
-            fast = rate(batched, batch, args.repeats, device)
-            print(f"{name} {size}px: per-sample {loop:,.0f} img/s, batched {fast:,.0f} img/s, ratio {fast / loop:.1f}x",
-                  flush=True)
+            loop = rate(lambda b: torch.stack([reference(x) for x in b.cpu()]).to(device), batch, args.repeats, device)
+            fast = rate(lambda b: batched(b, generator), batch, args.repeats, device)
+            ratios.append(fast / loop)
+            print(f"{name} {view} {size}px: per-sample {loop:,.0f} img/s, batched {fast:,.0f} img/s, "
+                  f"ratio {fast / loop:.1f}x", flush=True)
     return 0
 
 

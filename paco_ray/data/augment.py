@@ -16,14 +16,17 @@ then per-sample photometric ops. A view is named by ``data.query_view`` / ``data
 - ``sim_cifar``: random resized crop 0.2-1 + flip + colour jitter 0.4/0.4/0.4/0.1 p 0.8 +
   grayscale p 0.2 + blur p 0.5 (official CIFAR key).
 
-The torch loader runs the whole view per sample; the FFCV loader decodes, crops and flips in FFCV
-and runs the same photometric ops per sample afterwards, so both loaders share one recipe.
+``photometric`` gives a view's ops image by image (the reference); ``batched_photometric`` the
+same ops for a whole batch on its device (``batched_augment``), which both loaders run after
+their own crop and flip, so the two loaders share one implementation.
 """
 from __future__ import annotations
 
 from torchvision.transforms import v2
 
 from .augment_ops import Cutout, TimmRandAugment
+from .batched_augment import (AutoAugmentStage, BatchedAugment, BlurStage, ColorJitterStage, CutoutStage,
+                              GrayscaleStage, RandAugmentStage)
 
 RESIZED_CROP_SCALE = {"sim": (0.08, 1.0), "sim_cifar": (0.2, 1.0)}
 BLUR_KERNEL = 13  # covers +-3 sigma of the largest sigma (2 px), as PIL's GaussianBlur(radius=sigma)
@@ -76,8 +79,28 @@ def photometric(view: str, data_cfg, fill: tuple[int, ...]) -> list:
     return recipes[view]()
 
 
+def batched_photometric(view: str, data_cfg, fill: tuple[int, ...]) -> BatchedAugment:
+    """``photometric`` for a whole uint8 batch, each image drawing its own ops (the loaders' path)."""
+    def blur():
+        return BlurStage(BLUR_KERNEL, (0.1, 2.0), p=0.5)
+
+    def rand():
+        return RandAugmentStage(data_cfg.randaugment_ops, data_cfg.randaugment_magnitude, data_cfg.randaugment_std, fill)
+
+    recipes = {
+        "crop_flip": lambda: [],
+        "randaugment": lambda: [rand()],
+        "randcls": lambda: [ColorJitterStage(0.4, 0.4, 0.4), rand()],
+        "randclsstack": lambda: [ColorJitterStage(0.4, 0.4, 0.4), GrayscaleStage(0.2), blur(), rand()],
+        "autoaugment_cutout": lambda: [AutoAugmentStage(v2.AutoAugmentPolicy.CIFAR10, 128), CutoutStage(data_cfg.cutout)],
+        "sim": lambda: [ColorJitterStage(0.4, 0.4, 0.4), GrayscaleStage(0.2), blur()],
+        "sim_cifar": lambda: [ColorJitterStage(0.4, 0.4, 0.4, 0.1, p=0.8), GrayscaleStage(0.2), blur()],
+    }
+    return BatchedAugment(recipes[view]())
+
+
 def view_transform(view: str, data_cfg, image_size: int, fill: tuple[int, ...]) -> v2.Compose:
-    """One whole view, for the torch loader."""
+    """One whole view image by image (the reference for a view; the loaders batch its photometric ops)."""
     return v2.Compose(geometric(view, data_cfg, image_size) + photometric(view, data_cfg, fill))
 
 

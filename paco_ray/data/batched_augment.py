@@ -1,64 +1,69 @@
-"""timm's RandAugment on a whole uint8 batch (B, C, H, W) at once, on the batch's own device.
+"""The views' photometric ops on a whole uint8 batch (B, C, H, W) at once, on the batch's device.
 
-Each image draws its own ops, magnitudes and signs, as the per-sample ``TimmRandAugment`` does:
-for each of n layers an op is drawn uniformly (with replacement) from TIMM_RAND_OPS and applied
-with p 0.5 at magnitude m + N(0, std) clipped to 0-10. Images that drew the same op are
-transformed together. The draws are made on the CPU (torch's RNG), so selecting an op's images
-needs no device sync. Geometric ops follow PIL's affine convention (pixel centres, fill colour
-outside the source) with bilinear sampling; timm draws bilinear or bicubic per op.
+Each image draws its own ops and magnitudes, as the per-sample reference ops in ``augment.py``
+do (timm's RandAugment, torchvision's ColorJitter, RandomGrayscale, GaussianBlur, AutoAugment,
+and Cutout); the images that drew the same op are transformed together by one batched op
+(``batched_ops``). Every draw is made on the CPU from a ``torch.Generator`` and each batch's
+parameters travel to the device in one pinned, non-blocking copy per dtype, so augmenting a
+batch never waits for the device.
+
+A stage's ``plan(batch, height, width, channels, generator)`` returns steps, applied in order;
+a step is a list of ``Group(fn, rows, params)`` over disjoint rows: ``fn(images[rows], **params)``,
+every parameter holding one entry per row. On the CPU a group runs in chunks of a few images at
+large sizes, so that its intermediate float tensors stay in cache.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms import v2
+from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix
 
+from . import batched_ops as ops
 from .augment_ops import TIMM_RAND_OPS
 
 
-def _blend(image: torch.Tensor, degenerate: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """factor * image + (1 - factor) * degenerate, clamped and truncated to uint8 (per-sample factor)."""
-    f = factor.view(-1, 1, 1, 1)
-    return (f * image.float() + (1 - f) * degenerate).clamp_(0, 255).to(torch.uint8)
+class Group(NamedTuple):
+    fn: Callable[..., torch.Tensor]
+    rows: torch.Tensor                 # int64 indices into the batch (CPU until sent)
+    params: dict[str, torch.Tensor]    # one entry per row
 
 
-def _gray(image: torch.Tensor) -> torch.Tensor:
-    return TF.rgb_to_grayscale(image).float() if image.shape[1] == 3 else image.float()
+Step = list[Group]
 
 
-def _smoothed(image: torch.Tensor) -> torch.Tensor:
-    """PIL's SMOOTH filter ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, rounded), borders unchanged:
-    nine shifted sums in int16 (at most 13 x 255)."""
-    x = image.to(torch.int16)
-    h, w = x.shape[-2:]
-    total = 4 * x[..., 1:-1, 1:-1]
-    for dy in range(3):
-        for dx in range(3):
-            total = total + x[..., dy:dy + h - 2, dx:dx + w - 2]
-    out = x.clone()
-    out[..., 1:-1, 1:-1] = torch.div(2 * total + 13, 26, rounding_mode="floor")  # round half up
-    return out.float()
+def _groups(choice: torch.Tensor, active: torch.Tensor, n: int) -> list[tuple[int, torch.Tensor]]:
+    """(k, rows) for each option k in 0..n-1 drawn by some active image."""
+    out = []
+    for k in range(n):
+        rows = (active & (choice == k)).nonzero().flatten()
+        if len(rows):
+            out.append((k, rows))
+    return out
 
 
-def affine(image: torch.Tensor, matrix: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """PIL ``Image.transform(AFFINE, (a, b, c, d, e, f))`` per image: the output pixel centred at
-    (x, y) reads the input at (a x + b y + c, d x + e y + f); ``matrix`` is (B, 2, 3)."""
-    b, _, h, w = image.shape
-    ys, xs = torch.meshgrid(torch.arange(h, device=image.device) + 0.5, torch.arange(w, device=image.device) + 0.5,
-                            indexing="ij")
-    centres = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, h * w, 3)
-    source = centres @ matrix.transpose(1, 2)  # (B, HW, 2) in input pixel units
-    inside = ((source[..., 0] >= 0) & (source[..., 0] < w) & (source[..., 1] >= 0) & (source[..., 1] < h))
-    grid = torch.stack([2 * source[..., 0] / w - 1, 2 * source[..., 1] / h - 1], -1).view(b, h, w, 2)
-    sampled = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out = torch.where(inside.view(b, 1, h, w), sampled, fill.view(1, -1, 1, 1).float())
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+def _uniform(low: float, high: float, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.empty(n).uniform_(low, high, generator=generator)
 
 
-def _matrices(name: str, value: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, 2, 3) PIL affine data of a geometric op at per-sample ``value``."""
+def _rand(n: int, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(n, generator=generator)
+
+
+def _tv_theta(center: list[float], angle: float, translate: list[float], shear: list[float]) -> list[float]:
+    return _get_inverse_affine_matrix(center, angle, translate, 1.0, shear)
+
+
+# ----------------------------------------------------------------------------- timm's RandAugment
+
+
+PIL_AFFINE_SCALE = {"ShearX": 0.3, "ShearY": 0.3, "TranslateXRel": 0.45, "TranslateYRel": 0.45, "Rotate": 30.0}
+
+
+def pil_affine_matrix(name: str, value: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, 2, 3) PIL affine data of a timm geometric op at a per-image ``value`` (signed)."""
     one, zero = torch.ones_like(value), torch.zeros_like(value)
     if name == "ShearX":
         rows = [one, value, zero, zero, one, zero]
@@ -76,62 +81,265 @@ def _matrices(name: str, value: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return torch.stack(rows, -1).view(-1, 2, 3)
 
 
-def apply_op(name: str, image: torch.Tensor, level: torch.Tensor, sign: torch.Tensor,
-             fill: torch.Tensor) -> torch.Tensor:
-    """One timm op on a batch, each image at its own level (0-10) and sign (+-1), timm's scale."""
-    level, sign = level.to(image.device), sign.to(image.device)
-    if name in ("ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "Rotate"):
-        scale = {"ShearX": 0.3, "ShearY": 0.3, "TranslateXRel": 0.45, "TranslateYRel": 0.45, "Rotate": 30.0}[name]
-        return affine(image, _matrices(name, level / 10 * scale * sign, *image.shape[-2:]), fill)
+def timm_op(name: str, level: torch.Tensor, sign: torch.Tensor, h: int, w: int,
+            fill: torch.Tensor) -> tuple[Callable, dict]:
+    """(fn, params) of one timm RandAugment op at per-image ``level`` (0-10) and ``sign`` (+-1)."""
+    if name in PIL_AFFINE_SCALE:
+        matrix = pil_affine_matrix(name, level / 10 * PIL_AFFINE_SCALE[name] * sign, h, w)
+        return ops.pil_affine, {"matrix": matrix, "fill": fill}
+    factor = level / 10 * 1.8 + 0.1
     if name in ("Color", "Contrast", "Brightness", "Sharpness"):
-        factor = level / 10 * 1.8 + 0.1
-        if name == "Brightness":
-            return _blend(image, torch.zeros((), device=image.device), factor)
-        if name == "Contrast":
-            return _blend(image, _gray(image).mean((-3, -2, -1), keepdim=True), factor)
-        if name == "Color":
-            return _blend(image, _gray(image), factor) if image.shape[1] == 3 else image
-        return _blend(image, _smoothed(image), factor)
-    view = (-1, 1, 1, 1)
-    if name == "Posterize":  # keep int(4 level / 10) most significant bits
-        bits = (level / 10 * 4).long()
-        return image & ((255 << (8 - bits)) & 255).to(torch.uint8).view(view)
-    if name == "Solarize":  # invert pixels >= threshold (256: none)
-        threshold = (level / 10 * 256).long().clamp(max=256).view(view)
-        invert = (image >= threshold.clamp(max=255).to(torch.uint8)) & (threshold < 256)
-        return torch.where(invert, 255 - image, image)
-    if name == "SolarizeAdd":  # add to pixels below 128
-        add = (level / 10 * 110).long().clamp(max=128).to(torch.uint8).view(view)
-        return torch.where(image < 128, image + add, image)  # below 128 + at most 128: no overflow
-    return {"AutoContrast": TF.autocontrast, "Equalize": TF.equalize, "Invert": TF.invert}[name](image)
+        fn = {"Color": ops.pil_color, "Contrast": ops.pil_contrast, "Brightness": ops.tv_brightness,
+              "Sharpness": ops.pil_sharpness}[name]
+        return fn, {"factor": factor}
+    if name == "Posterize":
+        return ops.posterize, {"bits": (level / 10 * 4).long()}
+    if name == "Solarize":
+        return ops.solarize, {"threshold": (level / 10 * 256).floor()}
+    if name == "SolarizeAdd":
+        return ops.solarize_add, {"add": (level / 10 * 110).long().clamp(max=128)}
+    return {"AutoContrast": v2.functional.autocontrast, "Equalize": v2.functional.equalize,
+            "Invert": v2.functional.invert}[name], {}
 
 
-class BatchedRandAugment(torch.nn.Module):
-    """``TimmRandAugment`` for a batch: the same op set, probabilities and magnitude scale."""
+def apply_op(name: str, images: torch.Tensor, level: torch.Tensor, sign: torch.Tensor,
+             fill: torch.Tensor) -> torch.Tensor:
+    """One timm op on a batch (parameters on the CPU), each image at its own level and sign."""
+    fn, params = timm_op(name, level, sign, *images.shape[-2:], fill.expand(len(level), -1))
+    return fn(images, **{k: v.to(images.device) for k, v in params.items()})
+
+
+class RandAugmentStage:
+    """timm's ``rand-n{n}-m{m}-mstd{std}`` (``TimmRandAugment``): for each of n layers an op is
+    drawn uniformly from TIMM_RAND_OPS (with replacement) and applied with p 0.5 at magnitude
+    m + N(0, std) clipped to 0-10, with a random sign. Geometric ops sample bilinearly (timm
+    draws bilinear or bicubic) and fill with ``fill``."""
 
     def __init__(self, num_ops: int, magnitude: float, magnitude_std: float, fill: tuple[int, ...]):
-        super().__init__()
         self.num_ops, self.magnitude, self.magnitude_std = num_ops, magnitude, magnitude_std
         self.fill = torch.tensor(fill, dtype=torch.float32)
 
-    def draw(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(op index, applied, level, sign) per layer and image, on the CPU: each (num_ops, batch)."""
+    def draw(self, batch: int, generator: torch.Generator | None = None):
+        """(op index, applied, level, sign), each (num_ops, batch)."""
         shape = (self.num_ops, batch)
-        ops = torch.randint(len(TIMM_RAND_OPS), shape)
-        applied = torch.rand(shape) < 0.5
-        level = (self.magnitude + self.magnitude_std * torch.randn(shape)).clamp(0, 10)
-        sign = torch.where(torch.rand(shape) > 0.5, -1.0, 1.0)
-        return ops, applied, level, sign
+        op = torch.randint(len(TIMM_RAND_OPS), shape, generator=generator)
+        applied = torch.rand(shape, generator=generator) < 0.5
+        level = (self.magnitude + self.magnitude_std * torch.randn(shape, generator=generator)).clamp(0, 10)
+        sign = torch.where(torch.rand(shape, generator=generator) > 0.5, -1.0, 1.0)
+        return op, applied, level, sign
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        ops, applied, level, sign = self.draw(images.shape[0])
-        fill = self.fill.to(images.device)[: images.shape[1]]
-        out = images
+    def plan(self, batch, h, w, channels, generator=None) -> list[Step]:
+        op, applied, level, sign = self.draw(batch, generator)
+        fill = self.fill[:channels]
+        steps = []
         for layer in range(self.num_ops):
-            out = out.clone()
-            for k, name in enumerate(TIMM_RAND_OPS):
-                rows = (applied[layer] & (ops[layer] == k)).nonzero().flatten()  # CPU: no device sync
-                if len(rows):
-                    index = rows.to(images.device, non_blocking=True)
-                    out[index] = apply_op(name, out[index], level[layer, rows], sign[layer, rows], fill)
+            step = []
+            for k, rows in _groups(op[layer], applied[layer], len(TIMM_RAND_OPS)):
+                fn, params = timm_op(TIMM_RAND_OPS[k], level[layer, rows], sign[layer, rows], h, w,
+                                     fill.expand(len(rows), -1))
+                step.append(Group(fn, rows, params))
+            steps.append(step)
+        return steps
+
+
+# ----------------------------------------------------------------------------- torchvision's ops
+
+
+class ColorJitterStage:
+    """torchvision's ``RandomApply([ColorJitter(b, c, s, h)], p)``: per image a random order of
+    the four adjustments and a factor for each, drawn uniformly in 1 +- b (c, s) and +- h."""
+
+    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float = 0.0, p: float = 1.0):
+        self.ranges = [(1 - brightness, 1 + brightness) if brightness else None,
+                       (1 - contrast, 1 + contrast) if contrast else None,
+                       (1 - saturation, 1 + saturation) if saturation else None, (-hue, hue) if hue else None]
+        self.p = p
+
+    def plan(self, batch, h, w, channels, generator=None) -> list[Step]:
+        applied = _rand(batch, generator) < self.p if self.p < 1 else torch.ones(batch, dtype=torch.bool)
+        order = torch.rand(batch, 4, generator=generator).argsort(1)  # a random permutation per image
+        factors = [None if r is None else _uniform(*r, batch, generator) for r in self.ranges]
+        fns = (ops.tv_brightness, ops.tv_contrast, ops.tv_saturation, ops.tv_hue)
+        steps = []
+        for position in range(4):
+            steps.append([Group(fns[k], rows, {"shift" if k == 3 else "factor": factors[k][rows]})
+                          for k, rows in _groups(order[:, position], applied, 4) if factors[k] is not None])
+        return steps
+
+
+class GrayscaleStage:
+    """torchvision's ``RandomGrayscale(p)``."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def plan(self, batch, h, w, channels, generator=None) -> list[Step]:
+        rows = (_rand(batch, generator) < self.p).nonzero().flatten()
+        return [[Group(ops.to_grayscale, rows, {})] if len(rows) and channels == 3 else []]
+
+
+class BlurStage:
+    """torchvision's ``RandomApply([GaussianBlur(kernel, sigma=(lo, hi))], p)``: sigma uniform per image."""
+
+    def __init__(self, kernel: int, sigma: tuple[float, float], p: float):
+        self.kernel, self.sigma, self.p = kernel, sigma, p
+
+    def plan(self, batch, h, w, channels, generator=None) -> list[Step]:
+        applied = _rand(batch, generator) < self.p
+        sigma = _uniform(*self.sigma, batch, generator)
+        rows = applied.nonzero().flatten()
+        if not len(rows):
+            return [[]]
+        lim = (self.kernel - 1) / (2.0 * math.sqrt(2.0))  # torchvision's _get_gaussian_kernel1d
+        x = torch.linspace(-lim, lim, steps=self.kernel)
+        kernel = torch.softmax(-(x / sigma[rows].unsqueeze(1)).pow(2), dim=1)
+        return [[Group(ops.gaussian_blur, rows, {"kernel": kernel})]]
+
+
+# torchvision AutoAugment op -> (batched fn, the parameter it takes from the signed magnitude)
+AUTOAUGMENT_COLOUR = {
+    "Brightness": (ops.tv_brightness, lambda m: {"factor": 1.0 + m}),
+    "Color": (ops.tv_saturation, lambda m: {"factor": 1.0 + m}),
+    "Contrast": (ops.tv_contrast, lambda m: {"factor": 1.0 + m}),
+    "Sharpness": (ops.tv_sharpness, lambda m: {"factor": 1.0 + m}),
+    "Posterize": (ops.posterize, lambda m: {"bits": m.long()}),
+    "Solarize": (ops.solarize, lambda m: {"threshold": 255.0 * m}),
+    "AutoContrast": (v2.functional.autocontrast, lambda m: {}),
+    "Equalize": (v2.functional.equalize, lambda m: {}),
+    "Invert": (v2.functional.invert, lambda m: {}),
+}
+
+
+def autoaugment_theta(name: str, magnitude: float, h: int, w: int) -> list[float]:
+    """torchvision AutoAugment's inverse affine matrix for a geometric op (nearest, as it uses)."""
+    if name == "ShearX":
+        return _tv_theta([-w * 0.5, -h * 0.5], 0.0, [0.0, 0.0], [math.degrees(math.atan(magnitude)), 0.0])
+    if name == "ShearY":
+        return _tv_theta([-w * 0.5, -h * 0.5], 0.0, [0.0, 0.0], [0.0, math.degrees(math.atan(magnitude))])
+    if name == "TranslateX":
+        return _tv_theta([0.0, 0.0], 0.0, [float(int(magnitude)), 0.0], [0.0, 0.0])
+    if name == "TranslateY":
+        return _tv_theta([0.0, 0.0], 0.0, [0.0, float(int(magnitude))], [0.0, 0.0])
+    return _tv_theta([0.0, 0.0], -(magnitude % 360), [0.0, 0.0], [0.0, 0.0])  # Rotate
+
+
+def autoaugment_op(name: str, magnitudes: list[float], h: int, w: int, fill: torch.Tensor) -> tuple[Callable, dict]:
+    """(fn, params) of one torchvision AutoAugment op at a signed magnitude per image; ``fill`` (C,)."""
+    if name in AUTOAUGMENT_COLOUR:
+        fn, param = AUTOAUGMENT_COLOUR[name]
+        return fn, param(torch.tensor(magnitudes, dtype=torch.float32))
+    theta = torch.tensor([autoaugment_theta(name, m, h, w) for m in magnitudes], dtype=torch.float32)
+    return ops.tv_affine, {"theta": theta.view(-1, 2, 3), "fill": fill.expand(len(magnitudes), -1)}
+
+
+class AutoAugmentStage:
+    """torchvision's ``AutoAugment(policy, fill)``: per image one of the policy's sub-policies,
+    each of its two ops applied with its probability at its magnitude bin, signed ops negated
+    with p 0.5. The policy table and magnitude bins are torchvision's own."""
+
+    def __init__(self, policy: v2.AutoAugmentPolicy, fill: int):
+        self.reference = v2.AutoAugment(policy, fill=fill)
+        self.policies, self.space = self.reference._policies, self.reference._AUGMENTATION_SPACE
+        self.fill = torch.tensor([float(fill)])
+
+    def plan(self, batch, h, w, channels, generator=None) -> list[Step]:
+        chosen = torch.randint(len(self.policies), (batch,), generator=generator).tolist()
+        fill = self.fill.expand(channels)
+        steps = []
+        for slot in range(2):
+            applied, negate = _rand(batch, generator), _rand(batch, generator) <= 0.5
+            by_op: dict[str, tuple[list[int], list[float]]] = {}
+            for i, p in enumerate(chosen):
+                name, probability, bin_ = self.policies[p][slot]
+                if not applied[i] <= probability:
+                    continue
+                magnitudes, signed = self.space[name]
+                values = magnitudes(10, h, w)
+                m = 0.0 if values is None else float(values[bin_])
+                rows, ms = by_op.setdefault(name, ([], []))
+                rows.append(i)
+                ms.append(-m if signed and values is not None and negate[i] else m)
+            step = []
+            for name, (rows, ms) in by_op.items():
+                fn, params = autoaugment_op(name, ms, h, w, fill)
+                step.append(Group(fn, torch.tensor(rows, dtype=torch.long), params))
+            steps.append(step)
+        return steps
+
+
+class CutoutStage:
+    """``Cutout(length)``: a square zeroed about a uniformly drawn pixel of each image, clipped."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def plan(self, batch, h, w, channels, generator=None) -> list[Step]:
+        y = torch.randint(h, (batch,), generator=generator)
+        x = torch.randint(w, (batch,), generator=generator)
+        half = self.length // 2
+        return [[Group(lambda images, top, left: ops.cutout(images, top, left, 2 * half), torch.arange(batch),
+                       {"top": y - half, "left": x - half})]]
+
+
+# ----------------------------------------------------------------------------- a view's stages
+
+
+def send(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """CPU tensors to ``device`` in one pinned, non-blocking copy per dtype (no host wait)."""
+    if device.type == "cpu":
+        return tensors
+    out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+    for dtype in {t.dtype for t in tensors}:
+        which = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        flat = torch.cat([tensors[i].reshape(-1) for i in which]).pin_memory().to(device, non_blocking=True)
+        for i, part in zip(which, flat.split([tensors[i].numel() for i in which])):
+            out[i] = part.view(tensors[i].shape)
+    return out
+
+
+CPU_CHUNK_ELEMENTS = 2**19  # pixel values per chunk of a group on the CPU (about 3 images at 224 px)
+
+
+class BatchedAugment:
+    """Stages applied in order to uint8 batches on any device; ``stages`` empty: the identity."""
+
+    def __init__(self, stages: list):
+        self.stages = stages
+
+    def __bool__(self) -> bool:
+        return bool(self.stages)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if not self.stages:
+            return images
+        b, c, h, w = images.shape
+        steps = [step for stage in self.stages for step in stage.plan(b, h, w, c, generator)]
+        groups = [g for step in steps for g in step]
+        cpu = [g.rows for g in groups] + [v for g in groups for v in g.params.values()]
+        moved = iter(send(cpu, images.device))
+        rows = [next(moved) for _ in groups]
+        params = [{k: next(moved) for k in g.params} for g in groups]
+        chunk = max(1, CPU_CHUNK_ELEMENTS // (c * h * w)) if images.device.type == "cpu" else b
+        out = images.clone()
+        for g, r, p in zip(groups, rows, params):
+            if len(r) == b and chunk >= b:
+                out = g.fn(out, **p)
+                continue
+            for start in range(0, len(r), chunk):
+                part = r[start:start + chunk]
+                out.index_copy_(0, part, g.fn(out.index_select(0, part),
+                                              **{k: v[start:start + chunk] for k, v in p.items()}))
         return out
+
+    def __repr__(self) -> str:
+        return f"BatchedAugment({', '.join(type(s).__name__ for s in self.stages)})"
+
+
+class BatchedRandAugment(BatchedAugment):
+    """timm's RandAugment alone, for a batch."""
+
+    def __init__(self, num_ops: int, magnitude: float, magnitude_std: float, fill: tuple[int, ...]):
+        super().__init__([RandAugmentStage(num_ops, magnitude, magnitude_std, fill)])
+
+    def draw(self, batch: int, generator: torch.Generator | None = None):
+        return self.stages[0].draw(batch, generator)

@@ -1,6 +1,8 @@
 """Loaders behind one interface, over a prepared dataset directory:
 
-- ``train(epoch)``: this rank's batches of (query view, key view, label, index), uint8 images;
+- ``train(epoch)``: this rank's batches of (query view, key view, label, index), uint8 images on
+  the device: each loader crops and flips, then the views' photometric ops run batched on the
+  device (``batched_photometric``, the same implementation for both loaders);
 - ``eval(split)``: this rank's shard (no padding) of (image, label);
 - ``normalize(images)``: uint8 -> normalised float on the device (channels_last on CUDA).
 
@@ -13,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from .augment import crop, eval_transform, photometric, view_names, view_transform
+from .augment import batched_photometric, crop, eval_transform, geometric, view_names
 from .prepared import DatasetError, PreparedDataset
 from .sources import read_source
 
@@ -22,17 +24,34 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1009 + rank) % (2**31)
 
 
-class _Normalizer:
-    def __init__(self, data: PreparedDataset, device: torch.device):
+class _Loaders:
+    """What both loaders share: the views' batched photometric ops and normalisation."""
+
+    def __init__(self, data: PreparedDataset, data_cfg, *, rank: int, world_size: int, seed: int,
+                 device: torch.device):
+        self.data, self.cfg, self.rank, self.world_size, self.seed = data, data_cfg, rank, world_size, seed
         self.channels, self.device = data.channels, device
         self.fill = tuple(round(255 * m) for m in data.mean)  # the mean colour, for augmentations' fill
+        self.views = view_names(data_cfg)
+        self.augment = [batched_photometric(view, data_cfg, self.fill) for view in self.views]
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(data.mean, device=device).view(shape) * 255
         self.std = torch.tensor(data.std, device=device).view(shape) * 255
 
+    def _on_device(self, images: torch.Tensor) -> torch.Tensor:
+        return images[:, :self.channels].to(self.device, non_blocking=True)
+
+    def _augmented(self, batches, epoch: int):
+        """Each batch with both views moved to the device and through their photometric ops, drawn
+        from a generator seeded by (seed, epoch, rank) alone (apart from the crops' RNG)."""
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, self.rank) + 2**31)
+        for x_q, x_k, labels, index in batches:
+            yield (self.augment[0](self._on_device(x_q), generator), self.augment[1](self._on_device(x_k), generator),
+                   labels, index)
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> normalised float on the device (channels_last on CUDA)."""
-        images = images[:, :self.channels].to(self.device, non_blocking=True)
+        images = self._on_device(images)
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         return (images.float() - self.mean) / self.std
@@ -62,29 +81,28 @@ def _image_size(data_cfg, data: PreparedDataset) -> int:
     return data.image_size
 
 
-class TorchLoaders(_Normalizer):
+class TorchLoaders(_Loaders):
     """torchvision/DataLoader data path. Shuffling and augmentation of epoch e on rank r are a
     function of (seed, e, r) alone, so a resumed run sees exactly the batches of an uninterrupted one."""
 
     def __init__(self, data: PreparedDataset, data_cfg, *, rank: int, world_size: int, seed: int,
                  device: torch.device):
-        super().__init__(data, device)
-        self.data, self.cfg, self.rank, self.world_size, self.seed = data, data_cfg, rank, world_size, seed
+        super().__init__(data, data_cfg, rank=rank, world_size=world_size, seed=seed, device=device)
         size = _image_size(data_cfg, data)
-        self.train_set = SourceImages(data, "train", tuple(view_transform(view, data_cfg, size, self.fill)
-                                                           for view in view_names(data_cfg)))
+        self.train_set = SourceImages(data, "train", tuple(v2.Compose(geometric(view, data_cfg, size))
+                                                           for view in self.views))
         self.eval_transform = eval_transform(data_cfg, size)
 
-    def train(self, epoch: int) -> DataLoader:
+    def train(self, epoch: int):
         sampler = DistributedSampler(self.train_set, num_replicas=self.world_size, rank=self.rank,
                                      shuffle=True, seed=self.seed, drop_last=True)
         sampler.set_epoch(epoch)
         seed = epoch_seed(self.seed, epoch, self.rank)
         torch.manual_seed(seed)  # augmentation RNG when num_workers == 0
-        return DataLoader(self.train_set, batch_size=self.cfg.batch_size // self.world_size, sampler=sampler,
-                          drop_last=True, num_workers=self.cfg.num_workers,
-                          generator=torch.Generator().manual_seed(seed),
-                          pin_memory=self.device.type == "cuda")
+        loader = DataLoader(self.train_set, batch_size=self.cfg.batch_size // self.world_size, sampler=sampler,
+                            drop_last=True, num_workers=self.cfg.num_workers,
+                            generator=torch.Generator().manual_seed(seed), pin_memory=self.device.type == "cuda")
+        return self._augmented(loader, epoch)
 
     def eval(self, split: str):
         dataset = SourceImages(self.data, split, (self.eval_transform,))
@@ -118,23 +136,19 @@ def sharded_order(rank: int, world_size: int):
     return ShardedRandomOrder()
 
 
-class FFCVLoaders(_Normalizer):
+class FFCVLoaders(_Loaders):
     """FFCV data path: two views of each image through two pipeline entries decoding the same field."""
 
     def __init__(self, data: PreparedDataset, data_cfg, *, rank: int, world_size: int, seed: int,
                  device: torch.device):
-        super().__init__(data, device)
+        super().__init__(data, data_cfg, rank=rank, world_size=world_size, seed=seed, device=device)
         self.threads = torch.get_num_threads()  # import ffcv and every Loader reset it
-        self.data, self.cfg, self.rank, self.world_size, self.seed = data, data_cfg, rank, world_size, seed
         self.size = _image_size(data_cfg, data)
         self.workers = data_cfg.num_workers or max(1, self.threads)  # default: the CPUs this worker was given
-        self.views = view_names(data_cfg)
-        ops = [photometric(view, data_cfg, self.fill) for view in self.views]
-        self.post = [v2.Compose(o) if o else None for o in ops]  # per sample after FFCV: not FFCV operations
         self._eval: dict = {}
         self._train = self._loader("train", train=True)
 
-    def _view(self, view: str | None, post: bool = False) -> list:
+    def _view(self, view: str | None) -> list:
         """FFCV decoding, crop and flip of a training view (``None``: the evaluation decoding)."""
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
         from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToDevice, ToTensor, ToTorchImage
@@ -148,7 +162,7 @@ class FFCVLoaders(_Normalizer):
         else:
             ops = [SimpleRGBImageDecoder(), RandomHorizontalFlip()] + ([RandomTranslate(padding=arg)] if arg else [])
         ops += [ToTensor(), ToTorchImage(channels_last=False)]
-        if self.device.type == "cuda" and not post:
+        if self.device.type == "cuda":
             ops.append(ToDevice(self.device, non_blocking=True))
         return ops
 
@@ -158,11 +172,11 @@ class FFCVLoaders(_Normalizer):
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import Squeeze, ToTensor
 
-        query = self._view(self.views[0], self.post[0] is not None) if train else self._view(None)
+        query = self._view(self.views[0]) if train else self._view(None)
         pipelines = {"image": query, "label": [IntDecoder(), ToTensor(), Squeeze(1)],
                      "index": [IntDecoder(), ToTensor(), Squeeze(1)]}
         if train:
-            key_view = self._view(self.views[1], self.post[1] is not None)
+            key_view = self._view(self.views[1])
             pipelines["image_key"] = PipelineSpec("image", decoder=key_view[0], transforms=key_view[1:])
             options = dict(batch_size=self.cfg.batch_size // self.world_size, seed=self.seed, drop_last=True,
                            order=sharded_order(self.rank, self.world_size))
@@ -182,19 +196,12 @@ class FFCVLoaders(_Normalizer):
 
     def train(self, epoch: int):
         self._train.next_epoch = epoch  # FFCV orders epoch e by seed + e
-        torch.manual_seed(epoch_seed(self.seed, epoch, self.rank))  # the per-sample ops' RNG
-        for x_q, labels, index, x_k in self._train:
-            yield self._per_sample(x_q, self.post[0]), self._per_sample(x_k, self.post[1]), labels, index
+        return self._augmented(((x_q, x_k, labels, index) for x_q, labels, index, x_k in self._train), epoch)
 
     def eval(self, split: str):
         if split not in self._eval:
             self._eval[split] = self._loader(split, train=False)
         return ((images, labels) for images, labels, _ in self._eval[split])
-
-    def _per_sample(self, images: torch.Tensor, ops) -> torch.Tensor:
-        """The view's photometric ops, image by image, on the dataset's own channels."""
-        images = images[:, :self.channels]
-        return images if ops is None else torch.stack([ops(image) for image in images])
 
 
 def build_loaders(data: PreparedDataset, data_cfg, *, rank: int, world_size: int, seed: int, device: torch.device):
