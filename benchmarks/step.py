@@ -33,13 +33,15 @@ GPU_SETUPS = {  # on CUDA only (bf16 autocast, channels_last): the ImageNet-LT s
 LOSSES = ("ce", "balanced_softmax", "paco", "gpaco")
 
 
-def make_step(loss, backbone, channels, size, classes, batch, proj_dim, queue, device):
+def make_step(loss, backbone, channels, size, classes, batch, proj_dim, queue, device, compile_encoders=False):
     cfg = load_config(None, [f"loss={loss}", f"model.backbone={backbone}", f"model.proj_dim={proj_dim}",
                              f"paco.queue_size={queue}", "paco.alpha=0.05"])
     torch.manual_seed(0)
     model = PaCoModel.from_config(cfg, classes, channels).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    if compile_encoders:
+        model.compile_encoders()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(0)
     x_q = torch.randn(batch, channels, size, size, generator=g).to(device)

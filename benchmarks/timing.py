@@ -9,9 +9,12 @@ from typing import Callable
 import torch
 
 
-def device_args(description: str, repeats: int) -> tuple[argparse.Namespace, torch.device]:
-    """Parse --repeats/--device/--threads, apply the thread count and print the device line."""
+def device_args(description: str, repeats: int, extra: list[tuple[str, dict]] = ()) -> tuple[argparse.Namespace, torch.device]:
+    """Parse --repeats/--device/--threads (and ``extra`` options), apply the thread count and
+    print the device line."""
     parser = argparse.ArgumentParser(description=description)
+    for flag, options in extra:
+        parser.add_argument(flag, **options)
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

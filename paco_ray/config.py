@@ -93,6 +93,7 @@ class TrainConfig:
     amp: bool = True  # autocast on GPU (ignored on CPU)
     amp_dtype: str = "bfloat16"
     deterministic: bool = False
+    compile: bool = False  # torch.compile the query and key encoders
     storage_path: str = "runs"
     name: str = ""  # empty: derived from dataset, loss and seed
     keep_checkpoints: int = 2
@@ -244,7 +245,7 @@ def _validate_model_and_optim(cfg: TrainConfig) -> None:
 
 # What may change between a checkpoint and the run that resumes from it: resources, I/O, logging.
 RESUME_MAY_CHANGE = {"workers", "cpus_per_worker", "use_gpu", "amp", "amp_dtype", "storage_path", "name",
-                     "keep_checkpoints", "max_failures", "log_level", "placement_strategy", "skip_nonfinite",
+                     "keep_checkpoints", "max_failures", "log_level", "placement_strategy", "skip_nonfinite", "compile",
                      "resume_override", "data.num_workers", "data.eval_batch_size", "data.stage_dir",
                      *(f"default_data.{f.name}" for f in dataclasses.fields(DefaultDataConfig))}
 

@@ -124,6 +124,13 @@ class PaCoModel(nn.Module):
             for p in self._key_params():
                 p.requires_grad_(False)
 
+    def compile_encoders(self) -> None:
+        """``torch.compile`` the query encoder and the key encoder in place (parameter names,
+        checkpoints and the momentum update are unchanged); compiled on their first call."""
+        self.encoder.compile()
+        if self.key_source == "momentum":
+            self.key_encoder.compile()
+
     @classmethod
     def from_config(cls, cfg: "TrainConfig", num_classes: int, in_channels: int) -> "PaCoModel":
         """The model a training config describes (its loss decides the key source)."""

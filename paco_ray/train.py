@@ -92,6 +92,8 @@ def train(cfg: TrainConfig, session, kill_plan: KillPlan | None = None) -> None:
     model = PaCoModel.from_config(cfg, classes.num_classes, data.channels)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.compile_encoders()
     model = session.prepare_model(model)
     steps_per_epoch = data.size("train") // cfg.data.batch_size
     if steps_per_epoch == 0:

@@ -56,8 +56,10 @@ def len_train(cfg):
     return PreparedDataset.open(cfg.data.path).size("train")
 
 
-def test_resume_from_checkpoint_is_exact(tiny_config, tmp_path):
-    cfg = tiny_config("loss=paco", "optim.epochs=4", "deterministic=true")
+@pytest.mark.parametrize("views", [(), ("data.query_view=randaugment", "data.randaugment_ops=2", "data.key_view=sim")])
+def test_resume_from_checkpoint_is_exact(views, tiny_config, tmp_path):
+    """Also with the batched photometric ops of the published views (their own per-epoch generator)."""
+    cfg = tiny_config("loss=paco", "optim.epochs=4", "deterministic=true", *views)
     straight = LocalSession(tmp_path / "straight")
     train(cfg, straight)
 
@@ -264,3 +266,30 @@ def test_a_config_without_a_dataset_is_refused_in_the_loop(tiny_config, tmp_path
     with pytest.raises(DatasetError, match=r"data.path: empty; prepare a dataset with python -m pipelines"):
         train(tiny_config("data.path="), LocalSession(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_compile_trains_the_same_model_with_unchanged_checkpoints(tiny_config, tmp_path, monkeypatch):
+    """``compile: true`` goes through torch.compile (dynamo tracing; inductor's code generation
+    is swapped for dynamo's eager backend to keep this fast): same checkpoint keys, and an
+    uncompiled run resumes from the compiled one."""
+    compiled_modules = []
+    original = torch.nn.Module.compile
+
+    def eager_backend(module, *args, **kwargs):
+        compiled_modules.append(module)
+        return original(module, *args, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", eager_backend)
+    torch._dynamo.reset()
+    compiled = LocalSession(tmp_path / "compiled")
+    train(tiny_config("loss=paco", "compile=true"), compiled)
+    assert len(compiled_modules) == 2  # query and key encoders
+    assert all(m._compiled_call_impl is not None for m in compiled_modules)
+    plain = LocalSession(tmp_path / "plain")
+    train(tiny_config("loss=paco"), plain)
+    a, b = (load_state(s.reports[-1]["checkpoint_path"])["model"] for s in (compiled, plain))
+    assert a.keys() == b.keys()
+    assert max((a[n].float() - b[n].float()).abs().max().item() for n in a) < 1e-3  # same training, up to float order
+    resumed = LocalSession(tmp_path / "resumed", resume_from=compiled.reports[0]["checkpoint_path"])
+    train(tiny_config("loss=paco"), resumed)
+    assert [r["epoch"] for r in resumed.reports] == [2]
