@@ -297,6 +297,16 @@ def send(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor
     return out
 
 
+def _words(images: torch.Tensor) -> torch.Tensor:
+    """A contiguous uint8 batch seen as (B, words) of the widest integer dividing an image:
+    copying rows in 8-byte words is several times faster than byte by byte on the CPU."""
+    flat = images.view(images.shape[0], -1)
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if flat.shape[1] % size == 0:
+            return flat.view(dtype)
+    return flat
+
+
 CPU_CHUNK_ELEMENTS = 2**19  # pixel values per chunk of a group on the CPU (about 3 images at 224 px)
 
 
@@ -320,15 +330,15 @@ class BatchedAugment:
         rows = [next(moved) for _ in groups]
         params = [{k: next(moved) for k in g.params} for g in groups]
         chunk = max(1, CPU_CHUNK_ELEMENTS // (c * h * w)) if images.device.type == "cpu" else b
-        out = images.clone()
+        out = images.clone(memory_format=torch.contiguous_format)
         for g, r, p in zip(groups, rows, params):
             if len(r) == b and chunk >= b:
-                out = g.fn(out, **p)
+                out = g.fn(out, **p).contiguous()
                 continue
             for start in range(0, len(r), chunk):
                 part = r[start:start + chunk]
-                out.index_copy_(0, part, g.fn(out.index_select(0, part),
-                                              **{k: v[start:start + chunk] for k, v in p.items()}))
+                done = g.fn(out.index_select(0, part), **{k: v[start:start + chunk] for k, v in p.items()})
+                _words(out).index_copy_(0, part, _words(done.contiguous()))
         return out
 
     def __repr__(self) -> str:
