@@ -2,7 +2,7 @@
 same batch, same optimizer. A PaCo step is: query encoder forward, momentum update of the key
 encoder (torch._foreach), key encoder forward, enqueue, loss, backward, SGD step.
 
-python benchmarks/step.py [--repeats 15] [--device cpu|cuda] [--threads N]
+python benchmarks/step.py [--repeats 15] [--device cpu|cuda] [--threads N] [--default-malloc]
 
 On CUDA a third setup runs too: ResNet-50 at 224 px, batch 128, 1000 classes, K 8192, bf16.
 
@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paco_ray.config import load_config  # noqa: E402
+from paco_ray.host import keep_freed_memory  # noqa: E402
 from paco_ray.losses import compute_loss  # noqa: E402
 from paco_ray.model import PaCoModel  # noqa: E402
 from timing import device_args, timed  # noqa: E402
@@ -67,7 +68,11 @@ def make_step(loss, backbone, channels, size, classes, batch, proj_dim, queue, d
 
 
 def main() -> None:
-    args, device = device_args(__doc__.split("\n\n")[0], repeats=15)
+    args, device = device_args(__doc__.split("\n\n")[0], repeats=15, extra=[(
+        "--default-malloc", dict(action="store_true", help="leave glibc's malloc as it is (paco_ray.train "
+                                 "makes it keep freed memory on the CPU)"))])
+    if not args.default_malloc:
+        keep_freed_memory()  # as paco_ray.train does on the CPU
     headline = None
     setups = {**SETUPS, **(GPU_SETUPS if device.type == "cuda" else {})}
     for name, setup in setups.items():

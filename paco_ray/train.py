@@ -31,6 +31,7 @@ from .data.staging import check_dataset, local_dataset
 from .errors import InputError
 from .evaluate import evaluate_split
 from .faults import KillPlan
+from .host import keep_freed_memory
 from .losses import compute_loss
 from .model import PaCoModel
 from .optim import build_optimizer, skip_next_step_if
@@ -80,6 +81,7 @@ def train(cfg: TrainConfig, session, kill_plan: KillPlan | None = None) -> None:
     device = session.device
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        keep_freed_memory()  # no page faults for each step's activations
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
