@@ -93,8 +93,10 @@ def paco_loss(
         queue_sums = torch.zeros(num_classes + 1, q.shape[1], dtype=q.dtype, device=q.device)
         queue_sums = queue_sums.index_add(0, slot_class, queue)[:num_classes]
         batch_sums = torch.zeros(num_classes, q.shape[1], dtype=q.dtype, device=q.device).index_add(0, labels, q + k)
-        class_counts = (torch.bincount(slot_class, minlength=num_classes + 1)[:num_classes]
-                        + 2 * torch.bincount(labels, minlength=num_classes)).to(q.dtype)
+        # counts by index_add into a fixed size: CUDA's bincount reads the largest label back to the host
+        class_counts = torch.zeros(num_classes + 1, dtype=q.dtype, device=q.device)
+        class_counts.index_add_(0, slot_class, torch.ones_like(queue_labels, dtype=q.dtype))
+        class_counts.index_add_(0, labels, torch.full_like(labels, 2, dtype=q.dtype))
         same_label_logit_sum = (q_scaled * (queue_sums + batch_sums)[labels]).sum(1) - (q_scaled * q).sum(1)
         positive_count = class_counts[labels] - 1.0                               # q_i itself excluded
 

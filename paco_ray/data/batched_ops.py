@@ -6,7 +6,8 @@ per-sample reference within one grey level:
 - torchvision's, for ColorJitter, RandomGrayscale, GaussianBlur and AutoAugment
   (``tv_affine``, ``tv_brightness``, ``tv_hue``, ...).
 
-No op reads a value back to the host, so none waits for the device.
+No op reads a value back to the host or builds a tensor from Python values on the device (a
+blocking copy), so none waits for the device.
 """
 from __future__ import annotations
 
@@ -66,8 +67,10 @@ def tv_affine(images: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor, mod
     x = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w, device=images.device)
     y = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h, device=images.device)
     base = torch.stack([x.expand(h, w), y.unsqueeze(1).expand(h, w), torch.ones(h, w, device=images.device)], -1)
-    scale = torch.tensor([0.5 * w, 0.5 * h], device=images.device)
-    grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(theta.transpose(1, 2) / scale)
+    rescaled = theta.transpose(1, 2).clone()  # torchvision's _affine_grid: divided by the half sizes
+    rescaled[..., 0] /= 0.5 * w
+    rescaled[..., 1] /= 0.5 * h
+    grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(rescaled)
     return _sample(images, grid.view(b, h, w, 2), fill, mode)
 
 
@@ -80,10 +83,10 @@ def pil_affine(images: torch.Tensor, matrix: torch.Tensor, fill: torch.Tensor) -
                             torch.arange(w, device=images.device) + 0.5, indexing="ij")
     centres = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, h * w, 3).expand(b, -1, -1)
     source = centres.bmm(matrix.transpose(1, 2))  # (B, HW, 2) in input pixel units
-    grid = source / torch.tensor([w / 2, h / 2], device=images.device) - 1
-    # PIL fills every output pixel whose source centre falls outside; grid_sample's zero padding
-    # would blend the border instead, so the ones channel's mask is made hard
-    inside = ((source >= 0) & (source < torch.tensor([w, h], device=images.device))).all(-1)
+    sx, sy = source.unbind(-1)
+    grid = torch.stack([sx / (w / 2) - 1, sy / (h / 2) - 1], -1)
+    # PIL fills every output pixel whose source centre falls outside (grid_sample would blend the border)
+    inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
     sampled = F.grid_sample(images.float(), grid.view(b, h, w, 2), mode="bilinear", padding_mode="border",
                             align_corners=False)
     out = torch.where(inside.view(b, 1, h, w), sampled, fill.reshape(b, -1, 1, 1).float())

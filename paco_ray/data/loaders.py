@@ -170,11 +170,13 @@ class FFCVLoaders(_Loaders):
         from ffcv.fields.basics import IntDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.pipeline import PipelineSpec
-        from ffcv.transforms import Squeeze, ToTensor
+        from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
         query = self._view(self.views[0]) if train else self._view(None)
-        pipelines = {"image": query, "label": [IntDecoder(), ToTensor(), Squeeze(1)],
-                     "index": [IntDecoder(), ToTensor(), Squeeze(1)]}
+        # on CUDA labels and indices travel with FFCV's pinned, non-blocking copy too
+        to_device = [ToDevice(self.device, non_blocking=True)] if train and self.device.type == "cuda" else []
+        pipelines = {"image": query, "label": [IntDecoder(), ToTensor(), Squeeze(1), *to_device],
+                     "index": [IntDecoder(), ToTensor(), Squeeze(1), *to_device]}
         if train:
             key_view = self._view(self.views[1])
             pipelines["image_key"] = PipelineSpec("image", decoder=key_view[0], transforms=key_view[1:])
