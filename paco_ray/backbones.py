@@ -1,4 +1,7 @@
-"""Backbones: each returns a module mapping images to pooled features, and the feature size."""
+"""Backbones: each returns a module mapping images to pooled features, and the feature size:
+small ResNets for 28 px and CIFAR images, torchvision's ResNets/ResNeXts, and any timm model
+named ``timm:<name>`` (built without weights: nothing is downloaded; ``model.pretrained`` loads a
+local or object-storage file)."""
 from __future__ import annotations
 
 import torch.nn as nn
@@ -54,17 +57,37 @@ BACKBONES = {
 }
 
 
+TIMM_PREFIX = "timm:"
+
+
+def timm_model_exists(name: str) -> bool:
+    import timm
+
+    return bool(timm.list_models(name))
+
+
+def _timm_trunk(name: str, in_channels: int) -> tuple[nn.Module, int]:
+    """A timm model without its classifier (``num_classes=0``: pooled features), random weights."""
+    import timm
+
+    net = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels)
+    return net, net.num_features
+
+
 def build_backbone(name: str, in_channels: int = 3) -> tuple[nn.Module, int]:
-    """Return (trunk, feature_dim) for a backbone name from ``BACKBONES``."""
+    """Return (trunk, feature_dim) for a backbone name from ``BACKBONES`` or ``timm:<name>``."""
+    if name.startswith(TIMM_PREFIX):
+        return _timm_trunk(name[len(TIMM_PREFIX):], in_channels)
     if name not in BACKBONES:
         raise ValueError(f"model.backbone: unknown backbone {name!r} (choose from {', '.join(BACKBONES)})")
     return BACKBONES[name](in_channels)
 
 
 def load_pretrained(trunk: nn.Module, source: str) -> tuple[int, int]:
-    """Copy a torchvision state dict (a local ``.pth`` file or an object-storage URI) into a
-    torchvision trunk: every tensor whose name and shape match (the classifier ``fc`` never does);
-    returns (loaded, total) tensor counts. Refuses a file that matches nothing."""
+    """Copy a state dict (a ``.pth`` torch file or a ``.safetensors`` file, local or an
+    object-storage URI) into a trunk: every tensor whose name and shape match (a classifier never
+    does: the trunk has none); returns (loaded, total) tensor counts. Refuses a file that matches
+    nothing."""
     import io
 
     import torch
@@ -75,7 +98,13 @@ def load_pretrained(trunk: nn.Module, source: str) -> tuple[int, int]:
     try:
         fs, path = filesystem(source)
         with fs.open_input_stream(path) as stream:
-            state = torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
+            data = stream.read()
+        if source.endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            state = load_safetensors(data)
+        else:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise MissingInputError(f"model.pretrained: {source} does not exist") from None
     except Exception as err:

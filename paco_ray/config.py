@@ -59,7 +59,7 @@ class ModelConfig:
     backbone: str = "resnet_small28"
     proj_dim: int = 64
     projector: str = "mlp"  # mlp: Linear-ReLU-Linear | mlp_bn: Linear-BN-ReLU-Linear (the official head)
-    pretrained: str = ""  # torchvision weights file (path or URI) loaded into the backbone, classifier excluded
+    pretrained: str = ""  # weights file (.pth or .safetensors; path or URI) loaded into the backbone, classifier excluded
 
 
 @dataclass
@@ -94,6 +94,7 @@ class TrainConfig:
     amp_dtype: str = "bfloat16"
     deterministic: bool = False
     compile: bool = False  # torch.compile the query and key encoders
+    progress_every_s: float = 30.0  # rank 0's progress line within an epoch, every this many seconds (0: none)
     storage_path: str = "runs"
     name: str = ""  # empty: derived from dataset, loss and seed
     keep_checkpoints: int = 2
@@ -214,14 +215,18 @@ def _validate_data(cfg: TrainConfig) -> None:
 
 
 def _validate_model_and_optim(cfg: TrainConfig) -> None:
-    from .backbones import BACKBONES, TORCHVISION_BACKBONES
+    from .backbones import BACKBONES, TIMM_PREFIX, TORCHVISION_BACKBONES, timm_model_exists
 
     m = cfg.model
-    _check(m.backbone in BACKBONES, "model.backbone", f"must be one of {', '.join(BACKBONES)}", m.backbone)
+    timm_name = m.backbone[len(TIMM_PREFIX):] if m.backbone.startswith(TIMM_PREFIX) else None
+    _check(m.backbone in BACKBONES or timm_name is not None, "model.backbone",
+           f"must be one of {', '.join(BACKBONES)}, or timm:<model name>", m.backbone)
+    _check(timm_name is None or timm_model_exists(timm_name), "model.backbone",
+           "names no timm model (timm.list_models() lists them)", m.backbone)
     _check(m.proj_dim >= 1, "model.proj_dim", "must be >= 1", m.proj_dim)
     _check(m.projector in ("mlp", "mlp_bn"), "model.projector", "must be mlp or mlp_bn", m.projector)
-    _check(not m.pretrained or m.backbone in TORCHVISION_BACKBONES, "model.pretrained",
-           f"needs a torchvision backbone ({', '.join(TORCHVISION_BACKBONES)})", m.pretrained)
+    _check(not m.pretrained or m.backbone in TORCHVISION_BACKBONES or timm_name is not None, "model.pretrained",
+           f"needs a torchvision backbone ({', '.join(TORCHVISION_BACKBONES)}) or a timm one", m.pretrained)
     check_no_credentials("model.pretrained", m.pretrained)
 
     p = cfg.paco
@@ -245,7 +250,7 @@ def _validate_model_and_optim(cfg: TrainConfig) -> None:
 
 # What may change between a checkpoint and the run that resumes from it: resources, I/O, logging.
 RESUME_MAY_CHANGE = {"workers", "cpus_per_worker", "use_gpu", "amp", "amp_dtype", "storage_path", "name",
-                     "keep_checkpoints", "max_failures", "log_level", "placement_strategy", "skip_nonfinite", "compile",
+                     "keep_checkpoints", "max_failures", "log_level", "placement_strategy", "skip_nonfinite", "compile", "progress_every_s",
                      "resume_override", "data.num_workers", "data.eval_batch_size", "data.stage_dir",
                      *(f"default_data.{f.name}" for f in dataclasses.fields(DefaultDataConfig))}
 

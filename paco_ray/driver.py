@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Any, Callable, Iterable
 
 from .config import TrainConfig
@@ -17,12 +18,54 @@ from .storage import exists, filesystem, is_uri
 WORKER_DEATHS = ("WorkerHealthCheckFailedError", "ActorDiedError", "ActorUnavailableError", "RayActorError")
 
 
+RAY_CURRENT_CLUSTER = "/tmp/ray/ray_current_cluster"  # where `ray start` records a cluster on this machine
+# Lines Ray forwards from its own processes that no user can act on (Ray's warnings stay)
+RAY_NOISE = ("Actor with class name: 'PreemptionWatcher'",)
+
+
 def start_ray() -> None:
-    """Connect to (or start) Ray with the dashboard on loopback, leaving logging to the caller."""
+    """Connect to (or start) Ray with the dashboard on loopback, leaving logging to the caller.
+    Workers' lines reach this terminal without colour codes when it is not a terminal (a log
+    file), and without RAY_NOISE."""
     import ray
 
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if not ray.is_initialized():
         ray.init(dashboard_host="127.0.0.1", configure_logging=False)
+    filter_ray_noise()
+
+
+def filter_ray_noise() -> None:
+    """Drop RAY_NOISE lines from what Ray prints of its workers' output in this driver."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    for i, (name, handler) in enumerate(list(dispatcher.handlers)):
+        if name != "ray_print_logs" or getattr(handler, "filters_ray_noise", False):
+            continue
+
+        def filtered(data, _print=handler):
+            lines = [line for line in data.get("lines", []) if not any(n in line for n in RAY_NOISE)]
+            if lines:
+                _print({**data, "lines": lines})
+
+        filtered.filters_ray_noise = True
+        dispatcher.handlers[i] = (name, filtered)
+
+
+def check_gpu_request(use_gpu: bool) -> None:
+    """Before Ray starts: GPU workers asked for on a machine without CUDA and with no Ray cluster
+    to join (RAY_ADDRESS, or one started here with ``ray start``) would wait forever."""
+    if not use_gpu or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    if torch.cuda.is_available() or os.path.exists(RAY_CURRENT_CLUSTER):
+        return
+    raise ConfigError("use_gpu: GPU workers requested (--gpu) but this machine has no CUDA device and no Ray "
+                      "cluster is set to join (RAY_ADDRESS, or `ray start` here)")
 
 
 def worker_resources(cfg: TrainConfig) -> dict[str, float]:

@@ -310,14 +310,28 @@ def _validate_search_key(space: SearchSpace, key: str, primitive: str, args: Any
 
 
 def load_space(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
-    """Read and validate a search-space YAML file plus ``key=value`` overrides."""
+    """Read and validate a search-space YAML file plus ``key=value`` overrides. ``base:`` holds
+    a training config, or names a training config file (relative to the space file, else to the
+    working directory)."""
     path = Path(path)
     raw = read_yaml_mapping(path, "search space")
+    train_keys = sorted(set(raw) & {f.name for f in dataclasses.fields(TrainConfig)})
+    if "base" not in raw and "search" not in raw and train_keys:
+        raise ConfigError(f"{path}: a training config (it sets {', '.join(train_keys[:3])}), not a search space; "
+                          f"train it with paco-train {path}, or search around it with a space whose base: is {path}")
+    if isinstance(raw.get("base"), str):
+        raw["base"] = read_yaml_mapping(base_file(path, raw["base"]), "base: training config")
     raw.setdefault("name", path.stem)
     raw, notes = upgrade_space(apply_overrides(raw, overrides or []))
     for note in notes:
         sys.stderr.write(f"warning: {note}\n")
     return parse(raw, str(path))
+
+
+def base_file(space_file: Path, name: str) -> Path:
+    """``base: FILE`` relative to the space file's folder, or to the working directory."""
+    beside = space_file.parent / name
+    return beside if beside.is_file() or not Path(name).is_file() else Path(name)
 
 
 def param_space(space: SearchSpace) -> dict[str, Any]:

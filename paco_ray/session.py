@@ -1,6 +1,7 @@
 """Where a training loop runs: in this process (``LocalSession``) or as a Ray Train worker
 (``RaySession``). The loop talks to its session only: rank, device, DDP wrapping, the checkpoint
-to resume from, telemetry and per-epoch reports."""
+to resume from, telemetry, per-epoch reports and the run folder's own files (config.yaml,
+metrics.jsonl)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from .checkpoint import load_state, save_state
-from .storage import filesystem
+from .storage import exists, filesystem, read_text, write_text
 from .telemetry import RayMetrics, TensorBoard
 
 
@@ -21,7 +22,7 @@ class LocalSession:
 
     def __init__(self, out_dir: str | os.PathLike, resume_from: str | os.PathLike | None = None,
                  device: str = "cpu", tensorboard: bool = True):
-        self.rank, self.world_size, self.device = 0, 1, torch.device(device)
+        self.rank, self.world_size, self.device, self.label = 0, 1, torch.device(device), ""
         self.out_dir, self.resume_from, self.tensorboard = Path(out_dir), resume_from, tensorboard
         self.reports: list[dict[str, Any]] = []
 
@@ -32,6 +33,14 @@ class LocalSession:
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
+
+    def write_run_file(self, name: str, text: str) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(*filesystem(str(self.out_dir / name)), text)
+
+    def read_run_file(self, name: str) -> str | None:
+        path = self.out_dir / name
+        return path.read_text() if path.is_file() else None
 
     def load_checkpoint(self) -> dict | None:
         return load_state(self.resume_from) if self.resume_from else None
@@ -66,6 +75,27 @@ class RaySession:
             tensorboard = TensorBoard(storage.storage_filesystem, f"{storage.experiment_fs_path}/tensorboard")
         return tensorboard, RayMetrics(context.get_experiment_name().rsplit("/", 1)[-1], self.rank)
 
+    @property
+    def label(self) -> str:
+        """The Tune trial id (runs of a search are named ``<search>/train/<trial id>``), else ""."""
+        import ray.train
+
+        name = ray.train.get_context().get_experiment_name()
+        return name.rsplit("/", 1)[-1] if "/train/" in name else ""
+
+    def _run_path(self, name: str):
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        return storage.storage_filesystem, f"{storage.experiment_fs_path}/{name}"
+
+    def write_run_file(self, name: str, text: str) -> None:
+        write_text(*self._run_path(name), text)
+
+    def read_run_file(self, name: str) -> str | None:
+        fs, path = self._run_path(name)
+        return read_text(fs, path) if exists(fs, path) else None
+
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
 
@@ -88,4 +118,5 @@ class RaySession:
             return
         with tempfile.TemporaryDirectory() as directory:
             save_state(directory, state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=f"epoch_{metrics['epoch']:04d}")

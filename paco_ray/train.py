@@ -11,18 +11,23 @@ on the validation split and report metrics with the full state. It runs in-proce
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+
+if __name__ == "__main__":  # the command's options first: --help answers before the heavy imports
+    from paco_ray.commands import train_parser
+    train_parser().parse_args()
+
+from dataclasses import dataclass  # noqa: E402
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .checkpoint import restore_training, training_state
+from .commands import train_overrides, train_parser
 from .config import TrainConfig, load_config
 from .data.loaders import build_loaders
 from .data.longtail import ClassInfo
@@ -35,6 +40,8 @@ from .host import keep_freed_memory
 from .losses import compute_loss
 from .model import PaCoModel
 from .optim import build_optimizer, skip_next_step_if
+from .progress import LOGGER, Progress, epoch_line, setup_logging
+from .run_folder import CONFIG, RESULTS, MetricsLog, config_yaml, to_json
 from .session import LocalSession, RaySession
 
 __all__ = ["train", "train_one_epoch", "train_loop_per_worker", "fit", "main", "LocalSession", "RaySession"]
@@ -79,6 +86,7 @@ def train(cfg: TrainConfig, session, kill_plan: KillPlan | None = None) -> None:
     """Train ``cfg`` on this worker; every epoch report validation metrics and the full state.
     ``kill_plan`` is a fault-injection drill (paco_ray.faults): this worker may SIGKILL itself once."""
     device = session.device
+    logger = setup_logging()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         keep_freed_memory()  # no page faults for each step's activations
@@ -107,9 +115,15 @@ def train(cfg: TrainConfig, session, kill_plan: KillPlan | None = None) -> None:
     start_epoch = 0 if state is None else restore_training(state, cfg, classes, unwrap(model), optimizer,
                                                            scheduler, scaler)
     tensorboard, ray_metrics = session.telemetry()
+    metrics_log = None
+    if session.rank == 0:
+        session.write_run_file(CONFIG, config_yaml(cfg.to_dict()))
+        metrics_log = MetricsLog(session, start_epoch)
     for epoch in range(start_epoch, cfg.optim.epochs):
+        progress = Progress(cfg.progress_every_s if session.rank == 0 else 0, epoch, cfg.optim.epochs,
+                            steps_per_epoch, session.label)
         stats = train_one_epoch(cfg, model, loaders, optimizer, scheduler, scaler, log_prior, epoch,
-                                steps_per_epoch, session.rank, kill_plan)
+                                steps_per_epoch, session.rank, kill_plan, progress)
         val = evaluate_split(model, loaders, "val", classes, device)
         val_per_class = val.pop("per_class")
         metrics = epoch_metrics(cfg, model, optimizer, epoch, stats, val)
@@ -119,7 +133,8 @@ def train(cfg: TrainConfig, session, kill_plan: KillPlan | None = None) -> None:
             tensorboard.log(metrics, val_per_class, classes)
         full_state = None
         if session.rank == 0:
-            print_epoch(cfg, metrics)
+            logger.info(epoch_line(metrics, cfg.optim.epochs, session.label))
+            metrics_log.append(metrics)
             full_state = training_state(cfg, classes, epoch + 1, unwrap(model), optimizer, scheduler, scaler, metrics)
         session.report(metrics, full_state)
     if tensorboard is not None:
@@ -134,7 +149,8 @@ NONFINITE_CHECK_EVERY = 50  # steps between the host's looks at the non-finite f
 
 
 def train_one_epoch(cfg: TrainConfig, model, loaders, optimizer, scheduler, scaler, log_prior: torch.Tensor,
-                    epoch: int, steps_per_epoch: int, rank: int, kill_plan: KillPlan | None = None) -> EpochStats:
+                    epoch: int, steps_per_epoch: int, rank: int, kill_plan: KillPlan | None = None,
+                    progress: Progress | None = None) -> EpochStats:
     """One pass over this rank's shard of the training split. A step whose loss is not finite on
     any rank is skipped on every rank, on the device; the host looks at the flags every
     NONFINITE_CHECK_EVERY steps and at the end, and stops with an error naming the first such step
@@ -171,11 +187,14 @@ def train_one_epoch(cfg: TrainConfig, model, loaders, optimizer, scheduler, scal
         loss_sum += torch.where(bad.bool(), 0.0, losses[-1])
         seen.index_add_(0, index.to(device, non_blocking=True), ok.expand(index.numel()))
         images += ok * labels.numel()
+        if progress is not None:
+            progress.step(len(flags), len(flags) * labels.numel(), losses[-1], optimizer.param_groups[0]["lr"])
     if not cfg.skip_nonfinite:
         check_finite(flags, losses, epoch, steps_per_epoch)
     skipped = nonfinite_steps(flags)
     for step in skipped:
-        sys.stderr.write(f"warning: skipped a step with a non-finite loss at {where(epoch, step, steps_per_epoch)}\n")
+        logging.getLogger(LOGGER).warning(f"warning: skipped a step with a non-finite loss at "
+                                          f"{where(epoch, step, steps_per_epoch)}")
     if len(skipped) == len(flags):
         raise FloatingPointError(f"every step of epoch {epoch + 1} had a non-finite loss ({len(skipped)} skipped)")
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -220,14 +239,6 @@ def epoch_metrics(cfg: TrainConfig, model, optimizer, epoch: int, stats: EpochSt
     return metrics
 
 
-def print_epoch(cfg: TrainConfig, metrics: dict[str, Any]) -> None:
-    # sys.stdout, not print: Ray Train patches print() into a logger that echoes twice
-    sys.stdout.write(f"epoch {metrics['epoch']}/{cfg.optim.epochs}  loss {metrics['train_loss']:.4f}  "
-                     f"val top1 {metrics['val_top1']:.2f}  balanced {metrics['val_balanced_acc']:.2f}  "
-                     f"({metrics['epoch_time_s']:.1f} s, {metrics['images_per_s']:.0f} img/s)\n")
-    sys.stdout.flush()
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker."""
     cfg = TrainConfig.from_dict(config)
@@ -250,21 +261,12 @@ def fit(cfg: TrainConfig):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m paco_ray.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", nargs="?", help="YAML config (default: the embedded Fashion-MNIST-LT job)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set loss=ce --set paco.temperature=0.1")
-    parser.add_argument("--workers", type=int, help="number of Ray Train workers")
-    parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
-                        help="one GPU per worker, NCCL, AMP")
-    args = parser.parse_args(argv)
-    overrides = list(args.set)
-    if args.workers is not None:
-        overrides.append(f"workers={args.workers}")
-    if args.gpu is not None:
-        overrides.append(f"use_gpu={str(args.gpu).lower()}")
+    args = train_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, train_overrides(args))
+        if args.print_config:
+            sys.stdout.write(config_yaml(cfg.to_dict()))
+            return 0
         KillPlan.from_env(os.environ)  # a malformed drill fails here, not after Ray has started
         return run(cfg)
     except InputError as err:
@@ -278,12 +280,15 @@ def run(cfg: TrainConfig) -> int:
 
     from pipelines.default_data import with_prepared_data
 
-    from .driver import best_checkpoint, check_fits_cluster, failure_line, result_checkpoints, start_ray
+    from .driver import (best_checkpoint, check_fits_cluster, check_gpu_request, failure_line, result_checkpoints,
+                         start_ray)
     from .evaluate import evaluate_checkpoint, format_table
-    from .storage import to_uri
+    from .storage import filesystem, to_uri, write_text
 
     started = time.perf_counter()
     cfg = with_prepared_data(cfg)  # once, here in the driver
+    check_dataset(cfg.data.path)  # bad data and impossible requests fail before Ray starts
+    check_gpu_request(cfg.use_gpu)
     start_ray()
     check_fits_cluster(cfg)
     try:
@@ -296,6 +301,8 @@ def run(cfg: TrainConfig) -> int:
     if path is None:
         raise InputError(f"run {result.path!r} reported no checkpoint")
     table, _ = evaluate_checkpoint(to_uri(cfg.storage_path, path))
+    write_text(*filesystem(to_uri(cfg.storage_path, f"{result.path}/{RESULTS}")),
+               to_json({"best_checkpoint": to_uri(cfg.storage_path, path), "metric": "val_balanced_acc", "splits": table}))
     print(f"\n{cfg.run_name}: loss={cfg.loss}, {cfg.optim.epochs} epochs, {cfg.workers} workers, "
           f"{time.perf_counter() - started:.0f} s")
     print(f"best checkpoint (val balanced accuracy): {path}")

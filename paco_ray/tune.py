@@ -9,7 +9,6 @@ on the test split and, with ``--then-train``, retrains the best config on the wh
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -17,13 +16,19 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+
+if __name__ == "__main__":  # the command's options first: --help answers before the heavy imports
+    from paco_ray.commands import tune_parser
+    tune_parser().parse_args()
+
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .checkpoint import CheckpointError
+from .commands import tune_parser
 from .config import TrainConfig
 from .data.prepared import DatasetError
 from .data.staging import check_dataset
@@ -281,6 +286,14 @@ def open_experiment(space: SearchSpace, resume: bool):
     return fs, exp_path
 
 
+def check_space_data(space: SearchSpace) -> None:
+    """The dataset a search would read exists and is complete (the embedded default, empty
+    ``data.path``, is prepared when the search runs)."""
+    path = space.full_config().data.path
+    if path:
+        check_dataset(path)
+
+
 def with_prepared_data(space: SearchSpace) -> SearchSpace:
     """``space`` whose base reads a prepared dataset: the embedded default is prepared here, once."""
     from pipelines.default_data import with_prepared_data as prepared
@@ -384,12 +397,13 @@ def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
     summarise and prune, and optionally retrain the best config."""
     import ray
 
-    from .driver import start_ray
+    from .driver import check_gpu_request, start_ray
 
     fs, exp_path = open_experiment(space, resume)
+    declared, space = space.to_dict(), with_prepared_data(space)  # bad data fails before Ray starts
+    check_gpu_request(space.full_config().use_gpu)
     start_ray()
     max_concurrent = concurrency(space, ray.cluster_resources())
-    declared, space = space.to_dict(), with_prepared_data(space)
     tuner = build_tuner(space, resume, max_concurrent)
     if not resume:
         write_text(fs, f"{exp_path}/{SNAPSHOT}", yaml.safe_dump(declared, sort_keys=False))
@@ -409,19 +423,12 @@ def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m paco_ray.tune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("space", help="search-space YAML (search_spaces/*.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the space file, e.g. --set num_samples=4 --set base.optim.lr=0.05")
-    parser.add_argument("--resume", action="store_true", help="continue the interrupted experiment of this name")
-    parser.add_argument("--dry-run", action="store_true", help="print the trials and resources, run nothing")
-    parser.add_argument("--then-train", action="store_true",
-                        help="retrain the best config to the full epoch budget on the whole cluster")
-    args = parser.parse_args(argv)
+    args = tune_parser().parse_args(argv)
     try:
         space = load_space(args.space, args.set)
-        if args.dry_run:
-            print(describe(space, resolve_trials(space)))
+        if args.dry_run:  # the trials, then whether the search could start (its data)
+            print(describe(space, resolve_trials(space)), flush=True)
+            check_space_data(space)
             return 0
         return run(space, args.resume, args.then_train)
     except InputError as err:

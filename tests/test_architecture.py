@@ -98,7 +98,7 @@ def test_only_the_command_line_drivers_prepare_the_default_dataset():
     graph = import_graph()
     preparing = sorted(name for name, targets in graph.items()
                        if name.startswith("paco_ray") and any(t.startswith("pipelines") for t in targets))
-    assert preparing == ["paco_ray.train", "paco_ray.tune"]
+    assert preparing == ["paco_ray.console", "paco_ray.train", "paco_ray.tune"]
 
 
 def functions(path: Path):

@@ -25,11 +25,15 @@ def test_every_difference_is_explained_and_every_explanation_is_of_a_difference(
 
 
 def test_the_paco_ray_column_is_read_from_the_search_space(tmp_path, monkeypatch):
-    space = (ROOT / "search_spaces" / "cifar100_lt.yaml").read_text()
-    (tmp_path / "cifar100_lt.yaml").write_text(space.replace("alpha: 0.01 ", "alpha: 0.02 "))
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "search_spaces").mkdir()
+    config = (ROOT / "configs" / "cifar100_lt.yaml").read_text()
+    (tmp_path / "configs" / "cifar100_lt.yaml").write_text(config.replace("alpha: 0.01 ", "alpha: 0.02 "))
+    space = tmp_path / "search_spaces" / "cifar100_lt.yaml"
+    space.write_text((ROOT / "search_spaces" / "cifar100_lt.yaml").read_text())
     real = recipes.shipped
     monkeypatch.setattr(recipes, "shipped", lambda name: real(name) if name != "cifar100_lt" else
-                        recipes.flatten(recipes.load_space(tmp_path / "cifar100_lt.yaml").full_config().to_dict()))
+                        recipes.flatten(recipes.load_space(space).full_config().to_dict()))
     cifar = next(r for r in recipes.load_recipes() if r["space"] == "cifar100_lt")
     alpha = next(row for row in recipes.rows(cifar) if row[0] == "`paco.alpha`")
     assert alpha[2] == "0.02" and alpha[3] == "UNEXPLAINED DIFFERENCE"
