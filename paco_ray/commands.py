@@ -23,7 +23,7 @@ examples:
 
 where results go:
   <storage_path>/<name>/ (default runs/<dataset>-<loss>-seed<seed>/): config.yaml, metrics.jsonl
-  (one line per epoch), results.json (the best checkpoint's val/test table), epoch_NNNN/
+  (one line per epoch), results.json (the best checkpoint's val/test table), checkpoint_epoch_NNNN/
   checkpoints and tensorboard/ (tensorboard --logdir runs). Running the same name again resumes
   from its last checkpoint. Evaluate a run later with paco-eval <run folder>."""
 

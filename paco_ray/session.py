@@ -119,4 +119,4 @@ class RaySession:
         with tempfile.TemporaryDirectory() as directory:
             save_state(directory, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=f"epoch_{metrics['epoch']:04d}")
+                             checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}")

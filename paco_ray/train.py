@@ -119,6 +119,7 @@ def train(cfg: TrainConfig, session, kill_plan: KillPlan | None = None) -> None:
     if session.rank == 0:
         session.write_run_file(CONFIG, config_yaml(cfg.to_dict()))
         metrics_log = MetricsLog(session, start_epoch)
+        logger.info(start_line(cfg, data, session, start_epoch, steps_per_epoch))
     for epoch in range(start_epoch, cfg.optim.epochs):
         progress = Progress(cfg.progress_every_s if session.rank == 0 else 0, epoch, cfg.optim.epochs,
                             steps_per_epoch, session.label)
@@ -139,6 +140,14 @@ def train(cfg: TrainConfig, session, kill_plan: KillPlan | None = None) -> None:
         session.report(metrics, full_state)
     if tensorboard is not None:
         tensorboard.close()
+
+
+def start_line(cfg: TrainConfig, data: PreparedDataset, session, start_epoch: int, steps: int) -> str:
+    prefix = f"[{session.label}] " if session.label else ""
+    where = f"resuming at epoch {start_epoch + 1}" if start_epoch else "starting"
+    first = "; FFCV compiles its pipelines on the first batch" if cfg.data.loader == "ffcv" else ""
+    return (f"{prefix}{cfg.loss}: {where}, {data.size('train')} training images of {data.classes.num_classes} "
+            f"classes, {session.world_size} worker(s) on {session.device.type}, {steps} steps per epoch{first}")
 
 
 def use_amp(cfg: TrainConfig, device: torch.device) -> bool:

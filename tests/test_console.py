@@ -57,10 +57,13 @@ def test_epoch_line_shows_the_shot_groups_and_top1_only_where_it_differs():
     assert imbalanced.startswith("[t7] epoch 3/15") and "top1 88.50" in imbalanced and "skipped 2" in imbalanced
 
 
-def test_run_folder_holds_config_and_metrics_and_resume_rewrites_later_epochs(tiny_config, tmp_path):
+def test_run_folder_holds_config_and_metrics_and_resume_rewrites_later_epochs(tiny_config, tmp_path, capsys):
     cfg = tiny_config("loss=paco", "optim.epochs=3", "progress_every_s=0")
     session = LocalSession(tmp_path / "run", tensorboard=False)
     train(cfg, session)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("paco: starting, 118 training images of 10 classes, 1 worker(s) on cpu")
+    assert [line.split("  ")[0] for line in out[1:]] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert TrainConfig.from_dict(saved) == cfg  # the resolved config round-trips
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -72,6 +75,7 @@ def test_run_folder_holds_config_and_metrics_and_resume_rewrites_later_epochs(ti
                                                               for m in lines) + "\n")
     resumed = LocalSession(tmp_path / "run", resume_from=session.reports[0]["checkpoint_path"], tensorboard=False)
     train(cfg, resumed)
+    assert "paco: resuming at epoch 2" in capsys.readouterr().out
     again = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["epoch"], m.get("marker")) for m in again] == [(1, 1), (2, None), (3, None)]
 
