@@ -45,6 +45,19 @@ search: (the keys to sample), scheduler:, num_samples:, resources: and checkpoin
 Results go to <storage_path>/<name>/ (default runs/tune/<space file name>/)."""
 
 
+EVALUATE_DESCRIPTION = """\
+Evaluate a checkpoint, or the best checkpoint of a run folder (by the validation balanced
+accuracy each checkpoint recorded), on the validation and/or test split: top-1, top-5, balanced
+accuracy and the many/medium/few-shot groups; optionally per class, as JSON, and as figures."""
+
+EVALUATE_EPILOG = """\
+examples:
+  paco-eval runs/fashion_mnist_lt-if100-max5000-val500-paco-seed0                # best checkpoint, test split
+  paco-eval runs/RUN/checkpoint_epoch_0015 --split val --split test --per-class
+  paco-eval runs/RUN --plot per_class.png --confusion confusion.png
+  paco-eval s3://bucket/runs/RUN --data-path /data/cifar100_lt_if100 --json"""
+
+
 def _parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,6 +84,26 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
     if args.gpu is not None:
         overrides.append(f"use_gpu={str(args.gpu).lower()}")
     return overrides
+
+
+def evaluate_parser(prog: str = "paco-eval") -> argparse.ArgumentParser:
+    parser = _parser(prog, EVALUATE_DESCRIPTION, EVALUATE_EPILOG)
+    parser.add_argument("checkpoint", help="checkpoint (directory holding state.pt, or state.pt), or a run folder "
+                                           "(epoch_NNNN/ or checkpoint_*/ subfolders): its best checkpoint by "
+                                           "val_balanced_acc; local or s3://, gs://...")
+    parser.add_argument("--split", action="append", choices=("train", "val", "test"),
+                        help="split to evaluate (repeatable; default: test)")
+    parser.add_argument("--per-class", action="store_true", help="also print per-class accuracy")
+    parser.add_argument("--data-path", metavar="PATH",
+                        help="prepared dataset to evaluate on instead of the one the checkpoint recorded (e.g. "
+                             "after moving it); it must hold the checkpoint's classes")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="draw per-class top-1 accuracy against training images per class")
+    parser.add_argument("--confusion", metavar="FILE.png",
+                        help="draw the row-normalised confusion matrix, classes by training frequency")
+    parser.add_argument("--json", action="store_true",
+                        help="print the results (and per-class numbers with --per-class) as JSON")
+    return parser
 
 
 def tune_parser(prog: str = "paco-tune") -> argparse.ArgumentParser:

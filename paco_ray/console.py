@@ -27,6 +27,9 @@ def tune() -> int:
 
 
 def evaluate() -> int:
+    from .commands import evaluate_parser
+
+    evaluate_parser().parse_args()
     from .evaluate import main
 
     return main()

@@ -1,17 +1,23 @@
 """What a training run shows while it runs: Ray custom metrics from every worker (Ray dashboard,
 Prometheus at each node's metrics export port) and TensorBoard event files from rank 0 (tensorboardX),
-with a per-class accuracy vs class-frequency figure at every evaluation."""
+with a per-class accuracy vs class-frequency figure at every evaluation, drawn in a background
+thread so that the next epoch starts at once."""
 from __future__ import annotations
 
 import math
 import shutil
+import sys
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from .data.longtail import ClassInfo
+from .plots import per_class_bars, to_image
 from .storage import copy_dir, is_local
+
+FIGURE_TAG = "val/per_class_accuracy"
 
 # reported metric -> (Ray gauge name, description); exported to Prometheus as ray_<name>
 GAUGES = {
@@ -47,37 +53,17 @@ class RayMetrics:
 
 def per_class_figure(per_class: list[float], classes: ClassInfo) -> np.ndarray:
     """Per-class accuracy (bars, coloured by shot group) against training images per class (line,
-    log scale), classes from head to tail; an (H, W, 3) uint8 image."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    order = sorted(range(classes.num_classes), key=lambda c: -classes.train_counts[c])
-    groups = classes.shot_groups()
-    colours = {"many": "#4c72b0", "medium": "#dd8452", "few": "#c44e52"}
-    figure = Figure(figsize=(max(6.0, 0.12 * len(order)), 3.6), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    accuracy = [0.0 if math.isnan(per_class[c]) else per_class[c] for c in order]
-    axes.bar(range(len(order)), accuracy, color=[colours[groups[c]] for c in order], width=0.9)
-    axes.set_ylim(0, 100)
-    axes.set_ylabel("val accuracy (%)")
-    axes.set_xlabel("classes, most to fewest training images")
-    if len(order) <= 30:
-        axes.set_xticks(range(len(order)), [classes.names[c][:12] for c in order], rotation=60, fontsize=7)
-    counts = axes.twinx()
-    counts.plot(range(len(order)), [classes.train_counts[c] for c in order], color="black", linewidth=1.2)
-    counts.set_yscale("log")
-    counts.set_ylabel("training images")
-    handles = [axes.bar([0], [0], color=colour, label=group)[0] for group, colour in colours.items()]
-    axes.legend(handles=handles, loc="upper right", fontsize=7)
-    figure.tight_layout()
-    figure.canvas.draw()
-    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    log scale), classes from head to tail, binned past plots.MAX_BARS classes; an (H, W, 3) uint8
+    image of a fixed size whatever the number of classes."""
+    return to_image(per_class_bars(per_class, classes))
 
 
 class TensorBoard:
     """tensorboardX event files in ``path`` on ``filesystem`` (a pyarrow filesystem; remote storage
-    is written through a local directory that is copied after every flush)."""
+    is written through a local directory that is copied after every flush). The per-class figure
+    of an epoch is drawn in one background thread and written by the next ``log`` (or ``close``)
+    under its own epoch; only this thread touches the writer. A figure that fails to draw is
+    skipped with a warning: it never stops training."""
 
     def __init__(self, filesystem, path: str):
         from tensorboardX import SummaryWriter
@@ -86,21 +72,41 @@ class TensorBoard:
         self.local = is_local(filesystem)
         self.dir = path if self.local else tempfile.mkdtemp(prefix="paco_tb_")
         self.writer = SummaryWriter(self.dir)
+        self.drawing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paco_tb_figure")
+        self.pending: tuple[int, Future] | None = None  # (epoch, its figure being drawn)
 
     def log(self, metrics: dict[str, Any], per_class: list[float] | None, classes: ClassInfo) -> None:
         step = int(metrics["epoch"])
+        self._write_pending_figure()  # drawn during this epoch; waits only if it is still drawing
         for key, value in metrics.items():
             if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
                 section = "val" if key.startswith("val_") else "train"
                 self.writer.add_scalar(f"{section}/{key.removeprefix('val_')}", value, step)
         if per_class is not None:
-            self.writer.add_image("val/per_class_accuracy", per_class_figure(per_class, classes), step,
-                                  dataformats="HWC")
+            self.pending = (step, self.drawing.submit(per_class_figure, list(per_class), classes))
+        self._flush()
+
+    def _write_pending_figure(self) -> None:
+        if self.pending is None:
+            return
+        step, figure = self.pending
+        self.pending = None
+        try:
+            image = figure.result()
+        except Exception as err:  # a figure is worth a warning, not the run
+            sys.stderr.write(f"warning: per-class figure of epoch {step} not drawn: {type(err).__name__}: {err}\n")
+            return
+        self.writer.add_image(FIGURE_TAG, image, step, dataformats="HWC")
+
+    def _flush(self) -> None:
         self.writer.flush()
         if not self.local:
             copy_dir(self.dir, self.path, destination_fs=self.fs)
 
     def close(self) -> None:
+        self._write_pending_figure()
+        self.drawing.shutdown()
+        self._flush()
         self.writer.close()
         if not self.local:
             shutil.rmtree(self.dir, ignore_errors=True)

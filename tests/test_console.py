@@ -98,11 +98,11 @@ def run_python(code, timeout=120):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("command", ["train", "tune"])
+@pytest.mark.parametrize("command", ["train", "tune", "evaluate"])
 def test_help_is_for_users_and_loads_nothing_heavy(command):
     done = run_python(f"""
 import sys
-sys.argv = ["paco-{command}", "--help"]
+sys.argv = ["paco-{command.replace('evaluate', 'eval')}", "--help"]
 from paco_ray import console
 try:
     console.{command}()
