@@ -20,7 +20,7 @@ from paco_ray.data.sources import cifar_images, load_cifar_batch
 
 from paco_ray.errors import MissingInputError
 
-from .writer import PipelineError, Sample, run_cli, write_prepared
+from .writer import PipelineError, Sample, check_at_least, run_cli, write_prepared
 
 LAYOUTS = {  # variant -> (train files, test file, meta file, label key, names key)
     "cifar10": ([f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta", "labels", "label_names"),
@@ -61,6 +61,9 @@ def _read(src: Path, files: list[str], label_key: str) -> tuple[list[str], np.nd
 
 def prepare(src: str | Path, out: str | Path, *, imbalance_factor: float = 100.0, max_per_class: int | None = None,
             val_per_class: int | None = None, force: bool = False) -> Path:
+    check_at_least("--imbalance-factor", imbalance_factor, 1)
+    check_at_least("--max-per-class", max_per_class, 1)
+    check_at_least("--val-per-class", val_per_class, 1)
     src = Path(src).resolve()
     variant = detect_variant(src)
     train_files, test_file, meta_file, label_key, names_key = LAYOUTS[variant]

@@ -10,7 +10,8 @@ from paco_ray.data.prepared import DatasetError
 from .fashion_mnist import prepare
 from .writer import PipelineError
 
-CONFIG_NAMES = {"root": "default_data.root", "sizes": "default_data.max_per_class/default_data.val_per_class"}
+CONFIG_NAMES = {"root": "default_data.root", "sizes": "default_data.max_per_class/default_data.val_per_class",
+                **{key: f"default_data.{key}" for key in ("imbalance_factor", "max_per_class", "val_per_class")}}
 
 
 def default_dataset_dir(settings: DefaultDataConfig) -> Path:

@@ -20,11 +20,13 @@ from paco_ray.data.idx import read_idx
 from paco_ray.data.longtail import ClassInfo, exponential_profile, longtail_split, scaled_shot_thresholds
 from paco_ray.errors import MissingInputError
 
-from .writer import PipelineError, Sample, run_cli, write_prepared
+from .writer import PipelineError, Sample, check_at_least, run_cli, write_prepared
 
 DEFAULT_SRC = "/usr/share/datasets/fashion-mnist"
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-CLI_NAMES = {"root": "--src", "sizes": "--max-per-class/--val-per-class"}  # what errors call the inputs
+CLI_NAMES = {"root": "--src", "sizes": "--max-per-class/--val-per-class",  # what errors call the inputs
+             "imbalance_factor": "--imbalance-factor", "max_per_class": "--max-per-class",
+             "val_per_class": "--val-per-class"}
 
 
 @dataclass
@@ -63,6 +65,9 @@ def fashion_mnist_lt(root: str | Path, imbalance_factor: float = 100.0, max_per_
     """Fashion-MNIST-LT: exponential long-tailed train split of the official training set, a
     balanced validation split from its unused images, and the official balanced 10k test set.
     Errors name the inputs as ``names`` says (the CLI's flags by default)."""
+    for key, value in (("imbalance_factor", imbalance_factor), ("max_per_class", max_per_class),
+                       ("val_per_class", val_per_class)):
+        check_at_least(names[key], value, 1)
     root = Path(root)
     train_file = _idx_file(root, "train-images-idx3-ubyte", names)
     test_file = _idx_file(root, "t10k-images-idx3-ubyte", names)

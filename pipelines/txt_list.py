@@ -18,7 +18,7 @@ from paco_ray.data.sources import read_source
 
 from paco_ray.errors import MissingInputError
 
-from .writer import PipelineError, Sample, run_cli, write_prepared
+from .writer import PipelineError, Sample, check_at_least, run_cli, write_prepared
 
 
 def read_list(list_file: Path, root: Path, num_classes: int | None) -> list[Sample]:
@@ -45,6 +45,8 @@ def read_list(list_file: Path, root: Path, num_classes: int | None) -> list[Samp
         if not path.is_relative_to(root):
             raise PipelineError(f"{where}: path {rel!r} escapes the image root {root}")
         samples.append(Sample(str(path), label, lambda p=str(path): read_source(p)))
+    if not samples:
+        raise PipelineError(f"{list_file}: no 'path label' lines")
     return samples
 
 
@@ -64,6 +66,8 @@ def prepare(root: str | Path, out: str | Path, *, train_list: str | Path, val_li
             test_list: str | Path | None = None, class_names: str | Path | None = None, write_mode: str = "jpg",
             max_resolution: int = 256, skip_bad: bool = False, force: bool = False, num_workers: int = 1,
             normalization: str = "") -> Path:
+    check_at_least("--max-resolution", max_resolution, 1)
+    check_at_least("--num-workers", num_workers, 1)
     root = Path(root).resolve()
     if not root.is_dir():
         raise MissingInputError(f"--root {root} is not a directory")

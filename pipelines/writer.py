@@ -9,6 +9,9 @@ A prepared dataset directory holds:
 
 The manifest's metadata also records the size and SHA-256 of every other file.
 
+Each .beton is written by FFCV's DatasetWriter under a watchdog (watchdog.py): a writer worker
+that raises or dies ends the pipeline in one line instead of leaving it waiting.
+
 Outputs appear atomically: everything is written into a temporary sibling directory that is
 renamed into place only when complete. An object-storage output (``--out s3://bucket/prefix``,
 ``gs://...``) is built locally, uploaded, then marked complete by the ``_COMPLETE`` object,
@@ -18,6 +21,7 @@ fingerprint is a no-op.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -36,8 +40,9 @@ from paco_ray.data.staging import MANIFEST, MARKER, file_digest
 from paco_ray.errors import InputError
 from paco_ray.storage import check_no_credentials, exists, filesystem, is_uri, storage_error, write_text
 
+from .fingerprint import FINGERPRINT_KEY, differences, read_fingerprint
+
 FORMAT_VERSION = 1  # bump when the layout of a prepared directory changes
-FINGERPRINT_KEY = b"paco_ray.fingerprint"
 MANIFEST_SCHEMA = pa.schema([
     ("split", pa.string()), ("index", pa.int64()), ("label", pa.int64()),
     ("source", pa.string()), ("skipped", pa.bool_()), ("error", pa.string()),
@@ -48,6 +53,13 @@ class PipelineError(InputError):
     """Bad input to a pipeline; the message names the culprit (file, line, class or directory)."""
 
 
+def check_at_least(option: str, value, minimum: int) -> None:
+    """Refuse a numeric option below ``minimum`` (or NaN, or infinite) in one line naming it;
+    None (not given) passes."""
+    if value is not None and not (math.isfinite(value) and value >= minimum):
+        raise PipelineError(f"{option}: must be >= {minimum}, got {value!r}")
+
+
 @dataclass
 class Sample:
     source: str                          # path or "file#row", recorded in the manifest
@@ -55,28 +67,20 @@ class Sample:
     load: Callable[[], np.ndarray]       # -> HxWxC uint8 (C = 1 or 3)
 
 
-def read_fingerprint(out: Path) -> dict | None:
-    manifest = out / "manifest.parquet"
-    if not manifest.is_file():
-        return None
-    try:
-        meta = pq.read_schema(manifest).metadata or {}
-    except Exception:
-        return None
-    return json.loads(meta[FINGERPRINT_KEY]) if FINGERPRINT_KEY in meta else None
-
-
 def _check_output(out: Path, fingerprint: dict, force: bool) -> bool:
     """True when ``out`` already holds exactly this preparation (nothing to do)."""
     if not out.exists() or force:
         return False
     existing = read_fingerprint(out)
-    if existing == fingerprint and all((out / f"{s}.beton").is_file() for s in existing.get("splits", [])):
-        return True
     if existing is None:
         raise PipelineError(f"--out {out}: exists and is not a prepared dataset; choose another directory")
+    if existing == fingerprint:
+        missing = [f"{s}.beton" for s in existing.get("splits", []) if not (out / f"{s}.beton").is_file()]
+        if not missing:
+            return True
+        raise PipelineError(f"--out {out}: {', '.join(missing)} missing; pass --force to rebuild it")
     raise PipelineError(f"--out {out}: was prepared from a different source or settings "
-                        f"({existing.get('pipeline')}: {existing.get('source')}); pass --force to replace it")
+                        f"({differences(fingerprint, existing, out)}); pass --force to replace it")
 
 
 def _check_remote_output(uri: str, fingerprint: dict, force: bool) -> bool:
@@ -99,8 +103,7 @@ def _check_remote_output(uri: str, fingerprint: dict, force: bool) -> bool:
     if existing == fingerprint:
         return True
     raise PipelineError(f"--out {uri}: was prepared from a different source or settings "
-                        f"({(existing or {}).get('pipeline')}: {(existing or {}).get('source')}); "
-                        "pass --force to replace it")
+                        f"({differences(fingerprint, existing or {}, uri)}); pass --force to replace it")
 
 
 def publish(local: Path, uri: str) -> None:
@@ -183,12 +186,19 @@ class _BetonSource:
 
 def write_beton(path: Path, samples: Sequence[Sample], *, write_mode: str, max_resolution: int | None,
                 jpeg_quality: int = 90, num_workers: int = 1) -> None:
+    """Write ``samples`` to the .beton ``path`` with FFCV's writer, watched (pipelines/watchdog.py):
+    a writer worker that raises or dies is a PipelineError naming the file and the sample."""
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+
+    from .watchdog import WriterFailed, write_guarded
 
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality),
               "label": IntField(), "index": IntField()}
-    DatasetWriter(str(path), fields, num_workers=num_workers).from_indexed_dataset(_BetonSource(samples))
+    try:
+        write_guarded(str(path), fields, _BetonSource(samples), num_workers=num_workers, label=path.name,
+                      describe=lambda i: samples[i].source)
+    except WriterFailed as err:
+        raise PipelineError(f"writing {path.name}: {err}") from None
 
 
 def write_prepared(out: str | Path, *, fingerprint: dict, class_names: Sequence[str],
@@ -215,6 +225,9 @@ def write_prepared(out: str | Path, *, fingerprint: dict, class_names: Sequence[
     rows, kept, channels, shapes = [], {}, 1, set()
     for split, samples in splits.items():
         good, bad, split_channels, split_shapes = _load_checked(samples, skip_bad, max_resolution)
+        if not good:  # FFCV cannot write an empty file
+            raise PipelineError(f"the {split} split has no images"
+                                + (f" ({len(bad)} unreadable, skipped)" if bad else ""))
         channels = max(channels, split_channels)
         shapes |= split_shapes
         kept[split] = good

@@ -324,4 +324,4 @@ def test_evaluating_a_checkpoint_uri_that_does_not_exist(s3, capsys):
     from paco_ray import evaluate as evaluate_cli
 
     assert evaluate_cli.main([s3.uri("runs/nothing/checkpoint_000")]) == 2
-    assert capsys.readouterr().err.strip() == "error: s3://paco-test/runs/nothing/checkpoint_000 does not exist"
+    assert capsys.readouterr().err.strip() == "error: checkpoint or run folder 's3://paco-test/runs/nothing/checkpoint_000' does not exist"

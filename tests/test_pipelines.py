@@ -88,7 +88,8 @@ def test_rerun_is_a_noop_force_rebuilds_and_other_sources_are_refused(tmp_path, 
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert fashion_mnist.main(args[:-4] + ["--max-per-class", "15", "--val-per-class", "5"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "was prepared from a different source or settings" in err and "\n" not in err
+    assert f"was prepared from a different source or settings (max_per_class: 15 here, 20 in {out})" in err
+    assert "\n" not in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing overwritten
     stranger = tmp_path / "stranger"
     stranger.mkdir()
@@ -96,6 +97,88 @@ def test_rerun_is_a_noop_force_rebuilds_and_other_sources_are_refused(tmp_path, 
     assert fashion_mnist.main(args[:2] + ["--out", str(stranger)] + args[4:]) == 2
     assert "exists and is not a prepared dataset" in capsys.readouterr().err
     assert (stranger / "notes.txt").read_text() == "mine"
+
+
+def test_a_rerun_with_other_settings_names_the_setting_that_differs(tmp_path, capsys):
+    root, _, _ = make_fashion_root(tmp_path / "src")
+    out = tmp_path / "out"
+    args = ["--src", str(root), "--out", str(out), "--max-per-class", "20", "--val-per-class", "5"]
+    assert fashion_mnist.main(args + ["--imbalance-factor", "10"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert fashion_mnist.main(args + ["--imbalance-factor", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --out {out}: was prepared from a different source or settings (imbalance_factor: "
+                   f"5 here, 10 in {out}); pass --force to replace it\n")
+    assert fashion_mnist.main(args[:4] + ["--max-per-class", "15", "--val-per-class", "4"]) == 2
+    assert (f"(imbalance_factor: 100 here, 10 in {out} (and 2 more: max_per_class, val_per_class))"
+            in capsys.readouterr().err)  # the first difference, then the names of the others
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # refused, nothing overwritten
+    assert fashion_mnist.main(args + ["--imbalance-factor", "5", "--force"]) == 0
+    assert PreparedDataset.open(out).classes.train_counts == tuple(exponential_profile(20, 10, 5))
+
+
+def test_a_rerun_with_another_list_names_the_list(tmp_path, capsys):
+    lists = make_image_tree(tmp_path)
+    args = ["--root", str(tmp_path), "--val-list", str(lists["val"]), "--out", str(tmp_path / "o"),
+            "--write-mode", "raw", "--max-resolution", "8"]
+    assert txt_list.main(args + ["--train-list", str(lists["train"])]) == 0
+    other = tmp_path / "train_copy.txt"
+    other.write_text(lists["train"].read_text())
+    assert txt_list.main(args + ["--train-list", str(other)]) == 2
+    assert f"(lists.train: {other} here, {lists['train']} in {tmp_path / 'o'})" in capsys.readouterr().err
+    assert txt_list.main(args[:-1] + ["16", "--train-list", str(lists["train"])]) == 2
+    assert f"(max_resolution: 16 here, 8 in {tmp_path / 'o'})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pipeline,option,value,shown", [
+    ("txt_list", "--max-resolution", "0", "0"), ("txt_list", "--max-resolution", "-5", "-5"),
+    ("txt_list", "--num-workers", "0", "0"), ("cifar", "--imbalance-factor", "0.5", "0.5"),
+    ("cifar", "--imbalance-factor", "nan", "nan"), ("cifar", "--max-per-class", "0", "0"),
+    ("cifar", "--val-per-class", "0", "0"), ("fashion_mnist", "--imbalance-factor", "0", "0.0"),
+    ("fashion_mnist", "--max-per-class", "-1", "-1"), ("fashion_mnist", "--val-per-class", "0", "0"),
+])
+def test_numeric_options_out_of_range_are_refused_before_any_work(pipeline, option, value, shown, tmp_path, capsys):
+    """Named in one line before any input is read: the sources given here are all broken, so any
+    work done first would fail on them instead."""
+    lists = make_image_tree(tmp_path)
+    (tmp_path / "train/c0/img0.jpg").write_bytes(b"\xff\xd8 truncated")  # would stop the image checks
+    sources = {"txt_list": ["--root", str(tmp_path), "--train-list", str(lists["train"]), "--val-list",
+                            str(lists["val"])],
+               "cifar": ["--src", str(tmp_path / "no-cifar")], "fashion_mnist": ["--src", str(tmp_path / "no-idx")]}
+    module = {"txt_list": txt_list, "cifar": cifar, "fashion_mnist": fashion_mnist}[pipeline]
+    assert module.main(sources[pipeline] + ["--out", str(tmp_path / "o"), option, value]) == 2
+    assert capsys.readouterr().err == f"error: {option}: must be >= 1, got {shown}\n"
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
+
+
+def test_progress_is_one_labelled_line_per_split_when_not_a_terminal(tmp_path, capsys):
+    root, _, _ = make_fashion_root(tmp_path / "src")
+    assert fashion_mnist.main(["--src", str(root), "--out", str(tmp_path / "out"), "--imbalance-factor", "10",
+                               "--max-per-class", "20", "--val-per-class", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and err == ""
+    lines = out.splitlines()
+    sizes = {"train": sum(exponential_profile(20, 10, 10)), "val": 50, "test": 40}
+    assert [line.split(" images written")[0] for line in lines[:3]] == [f"{s}.beton: {n}" for s, n in sizes.items()]
+    assert lines[3] == f"{tmp_path / 'out'}: train {sizes['train']}, val 50, test 40" and len(lines) == 4
+
+
+def test_progress_on_a_terminal_is_a_bar_labelled_with_the_file():
+    import io
+
+    from pipelines.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    progress = Progress("val.beton", 40, stream=terminal)
+    progress.update(25)
+    progress.update(40)
+    progress.close(complete=True)
+    assert terminal.getvalue().rsplit("\r", 1)[-1].startswith("val.beton: 100%") and "40/40" in terminal.getvalue()
 
 
 # ----------------------------------------------------------------------------- CIFAR
@@ -273,6 +356,22 @@ def test_class_without_training_images_and_missing_list(tmp_path, capsys):
     assert "class 'b' has no training images" in capsys.readouterr().err
     assert txt_list.main(args + ["--train-list", str(tmp_path / "nope.txt")]) == 2
     assert "nope.txt not found" in capsys.readouterr().err
+
+
+def test_an_empty_split_is_refused_in_one_line(tmp_path, capsys):
+    """FFCV cannot write an empty .beton: an empty list, or a split whose every image was skipped."""
+    lists = make_image_tree(tmp_path)
+    args = ["--root", str(tmp_path), "--train-list", str(lists["train"]), "--out", str(tmp_path / "o"), "--skip-bad"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert txt_list.main(args + ["--val-list", str(empty)]) == 2
+    assert capsys.readouterr().err == f"error: {empty}: no 'path label' lines\n"
+    for line in lists["val"].read_text().split():
+        if line.endswith(".jpg"):
+            (tmp_path / line).write_bytes(b"not an image")
+    assert txt_list.main(args + ["--val-list", str(lists["val"])]) == 2
+    assert capsys.readouterr().err == "error: the val split has no images (3 unreadable, skipped)\n"
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
 
 
 def test_truncated_beton_is_refused_at_load(tiny_dataset, tmp_path):
