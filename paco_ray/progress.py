@@ -55,28 +55,33 @@ def _duration(seconds: float) -> str:
 
 class Progress:
     """Every ``every_s`` seconds (0: never) of an epoch, one line: step/total, images/s, loss,
-    lr and the epoch's ETA. Looking at the clock is free; reading the loss waits for the device
-    once per line, not once per step. ``label`` (a Tune trial id) starts each line."""
+    lr and the epoch's ETA. Rate and ETA leave out the first step (it may compile pipelines and
+    kernels). Looking at the clock is free; reading the loss waits for the device once per line,
+    not once per step. ``label`` (a Tune trial id) starts each line."""
 
     def __init__(self, every_s: float, epoch: int, epochs: int, steps: int, label: str = "",
                  clock: Callable[[], float] = time.monotonic, logger: logging.Logger | None = None):
         self.every_s, self.epoch, self.epochs, self.steps, self.label = every_s, epoch, epochs, steps, label
         self.clock, self.logger = clock, logger or logging.getLogger(LOGGER)
-        self.started = self.last = clock()
+        self.last = clock()
+        self.first: tuple[float, int] | None = None  # (time, images) when the first step ended
 
     def step(self, step: int, images: int, loss: torch.Tensor, lr: float) -> bool:
-        """After ``step`` (1-based) steps and ``images`` images this epoch; True when a line was written."""
+        """After ``step`` (1-based) steps and ``images`` images this epoch (all workers); True when
+        a line was written."""
         if self.every_s <= 0 or step >= self.steps:
             return False
         now = self.clock()
-        if now - self.last < self.every_s:
+        if self.first is None:
+            self.first = (now, images)
+        if now - self.last < self.every_s or step == 1:
             return False
         self.last = now
-        elapsed = now - self.started
+        elapsed = now - self.first[0]
         prefix = f"[{self.label}] " if self.label else ""
         self.logger.info(f"{prefix}epoch {self.epoch + 1}/{self.epochs}  step {step}/{self.steps}  "
-                         f"{images / elapsed:.0f} img/s  loss {float(loss):.4f}  lr {lr:.3g}  "
-                         f"ETA {_duration(elapsed / step * (self.steps - step))}")
+                         f"{(images - self.first[1]) / elapsed:.0f} img/s  loss {float(loss):.4f}  lr {lr:.3g}  "
+                         f"ETA {_duration(elapsed / (step - 1) * (self.steps - step))}")
         return True
 
 

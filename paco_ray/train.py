@@ -172,6 +172,7 @@ def train_one_epoch(cfg: TrainConfig, model, loaders, optimizer, scheduler, scal
     seen = torch.zeros(loaders.data.size("train"), dtype=torch.int32, device=device)
     flags: list[torch.Tensor] = []  # per step: 1 when the loss was not finite on some rank
     losses: list[torch.Tensor] = []
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     for x_q, x_k, labels, index in loaders.train(epoch):
         if kill_plan is not None:
             kill_plan.maybe_kill(rank, epoch * steps_per_epoch + len(flags) + 1)
@@ -197,7 +198,8 @@ def train_one_epoch(cfg: TrainConfig, model, loaders, optimizer, scheduler, scal
         seen.index_add_(0, index.to(device, non_blocking=True), ok.expand(index.numel()))
         images += ok * labels.numel()
         if progress is not None:
-            progress.step(len(flags), len(flags) * labels.numel(), losses[-1], optimizer.param_groups[0]["lr"])
+            progress.step(len(flags), len(flags) * labels.numel() * world_size, losses[-1],
+                          optimizer.param_groups[0]["lr"])
     if not cfg.skip_nonfinite:
         check_finite(flags, losses, epoch, steps_per_epoch)
     skipped = nonfinite_steps(flags)
@@ -206,7 +208,6 @@ def train_one_epoch(cfg: TrainConfig, model, loaders, optimizer, scheduler, scal
                                           f"{where(epoch, step, steps_per_epoch)}")
     if len(skipped) == len(flags):
         raise FloatingPointError(f"every step of epoch {epoch + 1} had a non-finite loss ({len(skipped)} skipped)")
-    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     return EpochStats(loss=all_reduce_sum(loss_sum / (len(flags) - len(skipped))).item() / world_size,
                       elapsed=time.perf_counter() - started, seen=all_reduce_sum(seen),
                       local_images=int(images.item()), skipped=len(skipped))

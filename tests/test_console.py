@@ -42,9 +42,19 @@ def test_progress_line_every_interval_with_eta_and_trial_label():
     assert [i + 1 for i, w in enumerate(written) if w] == [30, 60, 90]  # never on the last step
     assert out.lines[0] == "[a1b2] epoch 2/5  step 30/100  128 img/s  loss 0.5000  lr 0.01  ETA 1m10s"
     assert out.lines[2].endswith("ETA 10s")
-    quiet = Progress(0, epoch=0, epochs=1, steps=10, clock=clock, logger=out)
+    slow_start, out = Clock(), Lines()  # a first step that compiles for 60 s does not count
+    progress = Progress(10, epoch=0, epochs=1, steps=50, clock=slow_start, logger=out)
+    slow_start.now = 60.0
+    assert not progress.step(1, 256, torch.tensor(2.0), 0.1)  # no rate from one step
+    for step in range(2, 13):
+        slow_start.now += 1.0
+        progress.step(step, step * 256, torch.tensor(2.0), 0.1)
+    assert out.lines == ["epoch 1/1  step 2/50  256 img/s  loss 2.0000  lr 0.1  ETA 48s",  # due since the start
+                         "epoch 1/1  step 12/50  256 img/s  loss 2.0000  lr 0.1  ETA 38s"]
+    silent = Lines()
+    quiet = Progress(0, epoch=0, epochs=1, steps=10, clock=clock, logger=silent)
     clock.now += 1000
-    assert not quiet.step(5, 640, torch.tensor(1.0), 0.1) and len(out.lines) == 3
+    assert not quiet.step(5, 640, torch.tensor(1.0), 0.1) and silent.lines == []
 
 
 def test_epoch_line_shows_the_shot_groups_and_top1_only_where_it_differs():
