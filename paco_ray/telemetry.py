@@ -1,13 +1,15 @@
 """What a training run shows while it runs: Ray custom metrics from every worker (Ray dashboard,
 Prometheus at each node's metrics export port) and TensorBoard event files from rank 0 (tensorboardX),
 with a per-class accuracy vs class-frequency figure at every evaluation, drawn in a background
-thread so that the next epoch starts at once."""
+thread while the epoch's checkpoint is built."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
 import tempfile
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -59,34 +61,45 @@ def per_class_figure(per_class: list[float], classes: ClassInfo) -> np.ndarray:
 
 
 class TensorBoard:
-    """tensorboardX event files in ``path`` on ``filesystem`` (a pyarrow filesystem; remote storage
-    is written through a local directory that is copied after every flush). The per-class figure
-    of an epoch is drawn in one background thread and written by the next ``log`` (or ``close``)
-    under its own epoch; only this thread touches the writer. A figure that fails to draw is
-    skipped with a warning: it never stops training."""
+    """TensorBoard event files in ``path`` on ``filesystem`` (a pyarrow filesystem; remote storage
+    is written through a local directory that is copied after every flush), written synchronously
+    with tensorboardX's event-file writer, so ``flush`` is a barrier (``SummaryWriter.flush`` is
+    not: its queue drains on a thread of its own). ``log`` writes an epoch's scalars and starts
+    drawing its per-class figure in a background thread; ``flush`` (before the epoch's report)
+    writes the figure and the file, so the drawing overlaps building the checkpoint. A figure
+    that fails to draw is skipped with a warning: it never stops training."""
 
     def __init__(self, filesystem, path: str):
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
 
         self.fs, self.path = filesystem, path
         self.local = is_local(filesystem)
         self.dir = path if self.local else tempfile.mkdtemp(prefix="paco_tb_")
-        self.writer = SummaryWriter(self.dir)
+        os.makedirs(self.dir, exist_ok=True)
+        self.events = EventsWriter(os.path.join(self.dir, "events"))
         self.drawing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paco_tb_figure")
         self.pending: tuple[int, Future] | None = None  # (epoch, its figure being drawn)
 
+    def _write(self, summary, step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+
+        self.events.write_event(Event(wall_time=time.time(), step=step, summary=summary))
+
     def log(self, metrics: dict[str, Any], per_class: list[float] | None, classes: ClassInfo) -> None:
+        from tensorboardX import summary
+
         step = int(metrics["epoch"])
-        self._write_pending_figure()  # drawn during this epoch; waits only if it is still drawing
+        self._write_pending_figure()
         for key, value in metrics.items():
             if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
                 section = "val" if key.startswith("val_") else "train"
-                self.writer.add_scalar(f"{section}/{key.removeprefix('val_')}", value, step)
+                self._write(summary.scalar(f"{section}/{key.removeprefix('val_')}", float(value)), step)
         if per_class is not None:
             self.pending = (step, self.drawing.submit(per_class_figure, list(per_class), classes))
-        self._flush()
 
     def _write_pending_figure(self) -> None:
+        from tensorboardX import summary
+
         if self.pending is None:
             return
         step, figure = self.pending
@@ -96,17 +109,18 @@ class TensorBoard:
         except Exception as err:  # a figure is worth a warning, not the run
             sys.stderr.write(f"warning: per-class figure of epoch {step} not drawn: {type(err).__name__}: {err}\n")
             return
-        self.writer.add_image(FIGURE_TAG, image, step, dataformats="HWC")
+        self._write(summary.image(FIGURE_TAG, image, dataformats="HWC"), step)
 
-    def _flush(self) -> None:
-        self.writer.flush()
+    def flush(self) -> None:
+        """Everything logged so far, figure included, on disk (and copied to remote storage)."""
+        self._write_pending_figure()
+        self.events.flush()
         if not self.local:
             copy_dir(self.dir, self.path, destination_fs=self.fs)
 
     def close(self) -> None:
-        self._write_pending_figure()
+        self.flush()
         self.drawing.shutdown()
-        self._flush()
-        self.writer.close()
+        self.events.close()
         if not self.local:
             shutil.rmtree(self.dir, ignore_errors=True)

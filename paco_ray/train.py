@@ -137,6 +137,8 @@ def train(cfg: TrainConfig, session, kill_plan: KillPlan | None = None) -> None:
             logger.info(epoch_line(metrics, cfg.optim.epochs, session.label))
             metrics_log.append(metrics)
             full_state = training_state(cfg, classes, epoch + 1, unwrap(model), optimizer, scheduler, scaler, metrics)
+        if tensorboard is not None:
+            tensorboard.flush()  # this epoch's scalars and figure on disk before the report
         session.report(metrics, full_state)
     if tensorboard is not None:
         tensorboard.close()

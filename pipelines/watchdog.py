@@ -31,6 +31,10 @@ class WriterFailed(Exception):
     """A writer worker raised or died; the message is one line naming the worker and its sample."""
 
 
+class WriterKilled(WriterFailed):
+    """A writer worker was killed by a signal (out of memory, an operator): not the data's fault."""
+
+
 def write_guarded(fname: str, fields: Mapping, dataset, *, num_workers: int, label: str,
                   describe: Callable[[int], str] = lambda i: f"sample {i}", chunksize: int = 100) -> None:
     """``DatasetWriter(fname, fields, num_workers=...).from_indexed_dataset(dataset)``, watched.
@@ -132,7 +136,7 @@ def _wait(workers, allocations, failure: Callable[[], str | None], tick: Callabl
     sent = []
     while len(sent) < len(workers):
         if (message := failure()) is not None:
-            raise WriterFailed(message)
+            raise (WriterKilled if " was killed by " in message else WriterFailed)(message)
         try:
             sent.append(allocations.get(timeout=POLL_S))
         except queue.Empty:

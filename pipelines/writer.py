@@ -53,6 +53,10 @@ class PipelineError(InputError):
     """Bad input to a pipeline; the message names the culprit (file, line, class or directory)."""
 
 
+class PipelineFailure(Exception):
+    """The pipeline could not finish for a reason outside its input (a writer worker killed)."""
+
+
 def check_at_least(option: str, value, minimum: int) -> None:
     """Refuse a numeric option below ``minimum`` (or NaN, or infinite) in one line naming it;
     None (not given) passes."""
@@ -190,13 +194,15 @@ def write_beton(path: Path, samples: Sequence[Sample], *, write_mode: str, max_r
     a writer worker that raises or dies is a PipelineError naming the file and the sample."""
     from ffcv.fields import IntField, RGBImageField
 
-    from .watchdog import WriterFailed, write_guarded
+    from .watchdog import WriterFailed, WriterKilled, write_guarded
 
     fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality),
               "label": IntField(), "index": IntField()}
     try:
         write_guarded(str(path), fields, _BetonSource(samples), num_workers=num_workers, label=path.name,
                       describe=lambda i: samples[i].source)
+    except WriterKilled as err:
+        raise PipelineFailure(f"writing {path.name}: {err}") from None
     except WriterFailed as err:
         raise PipelineError(f"writing {path.name}: {err}") from None
 
@@ -300,10 +306,14 @@ def _install(tmp: Path, out: Path) -> None:
 
 
 def run_cli(prepare: Callable[..., Path], args) -> int:
-    """Shared CLI tail: run a pipeline, turning bad input into one line."""
+    """Shared CLI tail: run a pipeline, turning bad input (exit 2) and a failure of the machine
+    (exit 1: a writer worker killed) into one line."""
     try:
         prepare(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except PipelineFailure as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
