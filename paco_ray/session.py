@@ -16,6 +16,16 @@ from .storage import exists, filesystem, read_text, write_text
 from .telemetry import RayMetrics, TensorBoard
 
 
+def trial_run_name(search: str, trial_id: str) -> str:
+    """The name of the Train run of a search's trial (its folder under the experiment)."""
+    return f"{search}/train/{trial_id}"
+
+
+def trial_label(run_name: str) -> str:
+    """The Tune trial id of a Train run named by ``trial_run_name``; "" for a plain run."""
+    return run_name.rsplit("/", 1)[-1] if "/train/" in run_name else ""
+
+
 class LocalSession:
     """One in-process worker: checkpoints go to ``out_dir/epoch_NNNN``; metrics are kept in a list;
     TensorBoard files (unless ``tensorboard=False``) in ``out_dir/tensorboard``."""
@@ -77,11 +87,9 @@ class RaySession:
 
     @property
     def label(self) -> str:
-        """The Tune trial id (runs of a search are named ``<search>/train/<trial id>``), else ""."""
         import ray.train
 
-        name = ray.train.get_context().get_experiment_name()
-        return name.rsplit("/", 1)[-1] if "/train/" in name else ""
+        return trial_label(ray.train.get_context().get_experiment_name())
 
     def _run_path(self, name: str):
         import ray.train

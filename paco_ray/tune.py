@@ -36,6 +36,7 @@ from .driver import best_checkpoint, copies_that_fit
 from .errors import InputError
 from .evaluate import evaluate_checkpoint, format_table
 from .schema import ConfigError, flatten, set_dotted
+from .session import trial_run_name
 from .search_space import SearchSpace, load_space, param_space, parse, resolve_trials, upgrade_space
 from .storage import exists, filesystem, read_text, subdirectories, to_uri, write_text
 
@@ -60,7 +61,7 @@ def run_trial(config: dict[str, Any], space: dict[str, Any]) -> None:
     search = parse(space)
     trial_id = ray.tune.get_context().get_trial_id()
     # raises ray.train.TrainingFailedError: Tune marks the trial as errored
-    run_trainer(train_loop_per_worker, search.trial_config(config), name=f"{search.name}/train/{trial_id}",
+    run_trainer(train_loop_per_worker, search.trial_config(config), name=trial_run_name(search.name, trial_id),
                 storage_path=search.storage_path, keep=search.checkpoints.keep_per_trial,
                 metric=search.scheduler.metric, callbacks=[TuneReportCallback()])
 
@@ -179,7 +180,7 @@ def prune_checkpoints(rows: list[TrialSummary], space: SearchSpace) -> tuple[int
         if t.trial_id in survivors:
             present = [p for _, p in t.checkpoints if exists(fs, p)]
             keep = set(present[:space.checkpoints.keep_per_trial])
-        run_dir = f"{root}/train/{t.trial_id}"
+        run_dir = trial_run_name(root, t.trial_id)
         if t.status == "error" or not exists(fs, run_dir):
             continue
         for path in subdirectories(fs, run_dir):

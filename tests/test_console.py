@@ -57,6 +57,13 @@ def test_progress_line_every_interval_with_eta_and_trial_label():
     assert not quiet.step(5, 640, torch.tensor(1.0), 0.1) and silent.lines == []
 
 
+def test_lines_of_a_search_carry_the_trial_id_and_plain_runs_none():
+    from paco_ray.session import trial_label, trial_run_name
+
+    assert trial_label(trial_run_name("cifar100_lt", "3f9a2_00004")) == "3f9a2_00004"  # tune.run_trial's names
+    assert trial_label("fashion_mnist_lt-if100-max5000-val500-paco-seed0") == ""
+
+
 def test_epoch_line_shows_the_shot_groups_and_top1_only_where_it_differs():
     metrics = {"epoch": 3, "train_loss": 0.41234, "val_top1": 83.16, "val_balanced_acc": 83.16, "val_many": 90.12,
                "val_medium": 80.0, "val_few": float("nan"), "epoch_time_s": 21.04, "images_per_s": 560.2,
