@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,8 +64,24 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_reason(error: BaseException) -> str:
+    """What an error says, in one short line: the line with the unpickler's complaint when there is
+    one (torch's weights-only refusals explain the option first), else the first line; terminal
+    colour codes removed, cut after the first sentence. Its type when it says nothing."""
+    lines = [" ".join(ANSI_CODE.sub("", line).split()) for line in str(error).splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return type(error).__name__
+    line = next((line for line in lines if "Unpickler error:" in line), lines[0])
+    return line.split(". ", 1)[0].rstrip(".")
+
+
 def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a state saved by :func:`save_state` (a directory or the file itself)."""
+    """Read a state saved by :func:`save_state` (a directory or the file itself); an unreadable
+    file is one line naming it, the error's type and torch's (or pickle's) reason."""
     path = Path(path)
     file = path / STATE_FILE if path.is_dir() else path
     if not file.is_file():
@@ -72,7 +89,9 @@ def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {str(file)!r} is unreadable ({type(err).__name__})") from None
+        reason = error_reason(err)
+        detail = "" if reason == type(err).__name__ else f": {reason}"
+        raise CheckpointError(f"checkpoint {str(file)!r} is unreadable ({type(err).__name__}){detail}") from None
     missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {str(file)!r} lacks {', '.join(missing)}")

@@ -123,36 +123,6 @@ def format_per_class(metrics: dict, classes: ClassInfo) -> str:
 # ----------------------------------------------------------------------------- checkpoints and runs
 
 
-ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def error_reason(error: BaseException) -> str:
-    """What an error says, in one short line: the line with the unpickler's complaint when there is
-    one (torch's weights-only refusals explain the option first), else the first line; terminal
-    colour codes removed, cut after the first sentence. Its type when it says nothing."""
-    lines = [" ".join(ANSI_CODE.sub("", line).split()) for line in str(error).splitlines()]
-    lines = [line for line in lines if line]
-    if not lines:
-        return type(error).__name__
-    line = next((line for line in lines if "Unpickler error:" in line), lines[0])
-    return line.split(". ", 1)[0].rstrip(".")
-
-
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """``checkpoint.load_state`` whose one-line error also gives the underlying reason (the torch or
-    pickle message of a truncated or foreign file)."""
-    from .checkpoint import CheckpointError, load_state
-
-    try:
-        return load_state(path)
-    except CheckpointError as err:
-        cause = err.__cause__ or err.__context__  # load_state raises ``from None``: the context remains
-        reason = error_reason(cause) if cause is not None else ""
-        if not reason or reason in str(err):
-            raise
-        raise CheckpointError(f"{err}: {reason}") from None
-
-
 @dataclass
 class Picked:
     """The checkpoint chosen from a run folder, and why."""
@@ -198,11 +168,11 @@ def recorded_metric(checkpoint: str, metric: str = PICK_METRIC) -> float:
     """The validation ``metric`` a checkpoint recorded with its state (-inf when absent or NaN)."""
     import tempfile
 
-    from .checkpoint import STATE_FILE
+    from .checkpoint import STATE_FILE, load_state
     from .storage import fetch_dir
 
     with tempfile.TemporaryDirectory() as local:
-        state = read_checkpoint(fetch_dir(f"{checkpoint}/{STATE_FILE}", local))
+        state = load_state(fetch_dir(f"{checkpoint}/{STATE_FILE}", local))
     value = (state.get("metrics") or {}).get(metric)
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
 
@@ -257,7 +227,7 @@ def evaluate_checkpoint(path: str, splits: list[str] | None = None, *, data_path
     ``confusion`` adds each split's (C, C) confusion counts under "confusion"."""
     import tempfile
 
-    from .checkpoint import load_model_weights
+    from .checkpoint import load_model_weights, load_state
     from .config import TrainConfig
     from .data.loaders import build_loaders
     from .data.prepared import DatasetError
@@ -265,7 +235,7 @@ def evaluate_checkpoint(path: str, splits: list[str] | None = None, *, data_path
     from .storage import fetch_dir
 
     with tempfile.TemporaryDirectory() as local:
-        state = read_checkpoint(fetch_dir(path, local))
+        state = load_state(fetch_dir(path, local))
     cfg = TrainConfig.from_dict(state["config"])
     classes = ClassInfo.from_dict(state["classes"])
     data = open_checkpoint_dataset(cfg, classes, data_path)
