@@ -16,9 +16,10 @@ then per-sample photometric ops. A view is named by ``data.query_view`` / ``data
 - ``sim_cifar``: random resized crop 0.2-1 + flip + colour jitter 0.4/0.4/0.4/0.1 p 0.8 +
   grayscale p 0.2 + blur p 0.5 (official CIFAR key).
 
-``photometric`` gives a view's ops image by image (the reference); ``batched_photometric`` the
-same ops for a whole batch on its device (``batched_augment``), which both loaders run after
-their own crop and flip, so the two loaders share one implementation.
+Each view's photometric ops are written once (``recipe``); ``photometric`` builds them image by
+image (the reference), ``batched_photometric`` for a whole batch on its device
+(``batched_augment``), which both loaders run after their own crop and flip, so the two loaders
+share one implementation.
 """
 from __future__ import annotations
 
@@ -58,45 +59,56 @@ def geometric(view: str, data_cfg, image_size: int) -> list:
     return [first, v2.RandomHorizontalFlip()]
 
 
-def randaugment(data_cfg, fill: tuple[int, ...]) -> TimmRandAugment:
-    return TimmRandAugment(data_cfg.randaugment_ops, data_cfg.randaugment_magnitude, data_cfg.randaugment_std, fill)
+def recipe(view: str, data_cfg) -> list[tuple[str, tuple]]:
+    """A view's photometric ops after crop and flip, as (op, arguments), written once for both
+    builders below: ``photometric`` (image by image) and ``batched_photometric``."""
+    jitter = ("jitter", (0.4, 0.4, 0.4, 0.0, 1.0))         # brightness, contrast, saturation, hue, p
+    gray = ("grayscale", (0.2,))                          # p
+    blur = ("blur", (BLUR_KERNEL, (0.1, 2.0), 0.5))       # kernel, sigma range, p
+    rand = ("randaugment", (data_cfg.randaugment_ops, data_cfg.randaugment_magnitude, data_cfg.randaugment_std))
+    return {
+        "crop_flip": [],
+        "randaugment": [rand],
+        "randcls": [jitter, rand],
+        "randclsstack": [jitter, gray, blur, rand],
+        "autoaugment_cutout": [("autoaugment", (v2.AutoAugmentPolicy.CIFAR10, 128)), ("cutout", (data_cfg.cutout,))],
+        "sim": [jitter, gray, blur],
+        "sim_cifar": [("jitter", (0.4, 0.4, 0.4, 0.1, 0.8)), gray, blur],
+    }[view]
+
+
+def _jitter(brightness, contrast, saturation, hue, p):
+    jitter = v2.ColorJitter(brightness, contrast, saturation, hue)
+    return jitter if p == 1.0 else v2.RandomApply([jitter], p=p)
+
+
+PER_SAMPLE = {  # op -> its torchvision / timm transform, from (arguments..., fill)
+    "jitter": lambda b, c, s, h, p, fill: _jitter(b, c, s, h, p),
+    "grayscale": lambda p, fill: v2.RandomGrayscale(p=p),
+    "blur": lambda kernel, sigma, p, fill: v2.RandomApply([v2.GaussianBlur(kernel, sigma=sigma)], p=p),
+    "randaugment": lambda n, m, std, fill: TimmRandAugment(n, m, std, fill),
+    "autoaugment": lambda policy, grey, fill: v2.AutoAugment(policy, fill=grey),
+    "cutout": lambda length, fill: Cutout(length),
+}
+BATCHED = {  # op -> its batched stage (batched_augment), from (arguments..., fill)
+    "jitter": lambda b, c, s, h, p, fill: ColorJitterStage(b, c, s, h, p=p),
+    "grayscale": lambda p, fill: GrayscaleStage(p),
+    "blur": lambda kernel, sigma, p, fill: BlurStage(kernel, sigma, p=p),
+    "randaugment": lambda n, m, std, fill: RandAugmentStage(n, m, std, fill),
+    "autoaugment": lambda policy, grey, fill: AutoAugmentStage(policy, grey),
+    "cutout": lambda length, fill: CutoutStage(length),
+}
 
 
 def photometric(view: str, data_cfg, fill: tuple[int, ...]) -> list:
-    """The per-sample ops after crop and flip; ``fill`` is the mean colour (0-255 per channel)."""
-    blur = v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL, sigma=(0.1, 2.0))], p=0.5)
-    recipes = {
-        "crop_flip": lambda: [],
-        "randaugment": lambda: [randaugment(data_cfg, fill)],
-        "randcls": lambda: [v2.ColorJitter(0.4, 0.4, 0.4), randaugment(data_cfg, fill)],
-        "randclsstack": lambda: [v2.ColorJitter(0.4, 0.4, 0.4), v2.RandomGrayscale(p=0.2), blur,
-                                 randaugment(data_cfg, fill)],
-        "autoaugment_cutout": lambda: [v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=128), Cutout(data_cfg.cutout)],
-        "sim": lambda: [v2.ColorJitter(0.4, 0.4, 0.4), v2.RandomGrayscale(p=0.2), blur],
-        "sim_cifar": lambda: [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-                              v2.RandomGrayscale(p=0.2), blur],
-    }
-    return recipes[view]()
+    """The per-sample ops after crop and flip (the reference); ``fill`` is the mean colour (0-255
+    per channel)."""
+    return [PER_SAMPLE[op](*args, fill) for op, args in recipe(view, data_cfg)]
 
 
 def batched_photometric(view: str, data_cfg, fill: tuple[int, ...]) -> BatchedAugment:
     """``photometric`` for a whole uint8 batch, each image drawing its own ops (the loaders' path)."""
-    def blur():
-        return BlurStage(BLUR_KERNEL, (0.1, 2.0), p=0.5)
-
-    def rand():
-        return RandAugmentStage(data_cfg.randaugment_ops, data_cfg.randaugment_magnitude, data_cfg.randaugment_std, fill)
-
-    recipes = {
-        "crop_flip": lambda: [],
-        "randaugment": lambda: [rand()],
-        "randcls": lambda: [ColorJitterStage(0.4, 0.4, 0.4), rand()],
-        "randclsstack": lambda: [ColorJitterStage(0.4, 0.4, 0.4), GrayscaleStage(0.2), blur(), rand()],
-        "autoaugment_cutout": lambda: [AutoAugmentStage(v2.AutoAugmentPolicy.CIFAR10, 128), CutoutStage(data_cfg.cutout)],
-        "sim": lambda: [ColorJitterStage(0.4, 0.4, 0.4), GrayscaleStage(0.2), blur()],
-        "sim_cifar": lambda: [ColorJitterStage(0.4, 0.4, 0.4, 0.1, p=0.8), GrayscaleStage(0.2), blur()],
-    }
-    return BatchedAugment(recipes[view]())
+    return BatchedAugment([BATCHED[op](*args, fill) for op, args in recipe(view, data_cfg)])
 
 
 def view_transform(view: str, data_cfg, image_size: int, fill: tuple[int, ...]) -> v2.Compose:
