@@ -16,10 +16,20 @@ from torchvision.transforms.v2 import functional as F
 from paco_ray.config import VIEWS, DataConfig
 from paco_ray.data.augment import batched_photometric, photometric
 from paco_ray.data.augment_ops import TIMM_RAND_OPS, TimmRandAugment
-from paco_ray.data.batched_augment import (AUTOAUGMENT_COLOUR, AutoAugmentStage,
-                                           BatchedRandAugment, BlurStage, ColorJitterStage, CutoutStage,
-                                           apply_op, autoaugment_op)
+from paco_ray.data.batched_augment import (AUTOAUGMENT_COLOUR, AutoAugmentStage, BatchedAugment, BlurStage,
+                                           ColorJitterStage, CutoutStage, RandAugmentStage, autoaugment_op,
+                                           timm_op)
 from test_augment import FILL, smooth_image
+
+
+def apply_op(name, images, level, sign, fill):
+    """One timm op on a batch, each image at its own level and sign (parameters on the CPU)."""
+    fn, params = timm_op(name, level, sign, *images.shape[-2:], fill.expand(len(level), -1))
+    return fn(images, **params)
+
+
+def batched_randaugment(num_ops, magnitude, magnitude_std, fill):
+    return BatchedAugment([RandAugmentStage(num_ops, magnitude, magnitude_std, fill)])
 
 
 def timm_reference(name, images, level, sign, monkeypatch):
@@ -45,7 +55,7 @@ def test_each_batched_op_equals_timms_per_sample_op(name, channels, monkeypatch)
 
 def test_each_image_draws_its_own_ops_with_timms_probabilities():
     torch.manual_seed(0)
-    ops, applied, level, sign = BatchedRandAugment(2, 10, 0.5, FILL).draw(30000)
+    ops, applied, level, sign = RandAugmentStage(2, 10, 0.5, FILL).draw(30000)
     n = ops.numel()
     for k in range(len(TIMM_RAND_OPS)):  # uniform over the 15 ops, with replacement
         share = (ops == k).float().mean().item()
@@ -57,7 +67,7 @@ def test_each_image_draws_its_own_ops_with_timms_probabilities():
 
 def test_the_drawn_op_is_applied_to_exactly_its_images(monkeypatch):
     images = torch.stack([smooth_image(i) for i in range(6)])
-    augment = BatchedRandAugment(1, 10, 0.0, FILL)
+    augment = batched_randaugment(1, 10, 0.0, FILL)
     invert = TIMM_RAND_OPS.index("Invert")
     applied = torch.tensor([[True, False, True, True, False, True]])
     monkeypatch.setattr(augment.stages[0], "draw", lambda b, g=None: (torch.full((1, b), invert), applied, torch.full((1, b), 10.0),
@@ -68,7 +78,7 @@ def test_the_drawn_op_is_applied_to_exactly_its_images(monkeypatch):
 
 def test_seeded_batches_repeat_and_differ_across_seeds():
     images = torch.stack([smooth_image(i) for i in range(16)])
-    augment = BatchedRandAugment(2, 10, 0.5, FILL)
+    augment = batched_randaugment(2, 10, 0.5, FILL)
     runs = []
     for seed in (3, 3, 4):
         torch.manual_seed(seed)
@@ -81,7 +91,7 @@ def test_batched_and_per_sample_randaugment_draw_the_same_views():
     image = smooth_image(9)
     batch = image.expand(600, -1, -1, -1).contiguous()
     torch.manual_seed(0)
-    batched = BatchedRandAugment(2, 10, 0.5, FILL)(batch).float()
+    batched = batched_randaugment(2, 10, 0.5, FILL)(batch).float()
     per_sample = torch.stack([TimmRandAugment(2, 10, 0.5, FILL)(image) for _ in range(600)]).float()
     for stat in (lambda x: x.mean((1, 2, 3)), lambda x: x.std((1, 2, 3)), lambda x: (x == image).float().mean((1, 2, 3))):
         a, b = stat(batched).tolist(), stat(per_sample).tolist()

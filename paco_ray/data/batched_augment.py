@@ -48,10 +48,6 @@ def _uniform(low: float, high: float, n: int, generator: torch.Generator | None)
     return torch.empty(n).uniform_(low, high, generator=generator)
 
 
-def _rand(n: int, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(n, generator=generator)
-
-
 def _tv_theta(center: list[float], angle: float, translate: list[float], shear: list[float]) -> list[float]:
     return _get_inverse_affine_matrix(center, angle, translate, 1.0, shear)
 
@@ -102,13 +98,6 @@ def timm_op(name: str, level: torch.Tensor, sign: torch.Tensor, h: int, w: int,
             "Invert": v2.functional.invert}[name], {}
 
 
-def apply_op(name: str, images: torch.Tensor, level: torch.Tensor, sign: torch.Tensor,
-             fill: torch.Tensor) -> torch.Tensor:
-    """One timm op on a batch (parameters on the CPU), each image at its own level and sign."""
-    fn, params = timm_op(name, level, sign, *images.shape[-2:], fill.expand(len(level), -1))
-    return fn(images, **{k: v.to(images.device) for k, v in params.items()})
-
-
 class RandAugmentStage:
     """timm's ``rand-n{n}-m{m}-mstd{std}`` (``TimmRandAugment``): for each of n layers an op is
     drawn uniformly from TIMM_RAND_OPS (with replacement) and applied with p 0.5 at magnitude
@@ -156,7 +145,8 @@ class ColorJitterStage:
         self.p = p
 
     def plan(self, batch, h, w, channels, generator=None) -> list[Step]:
-        applied = _rand(batch, generator) < self.p if self.p < 1 else torch.ones(batch, dtype=torch.bool)
+        applied = (torch.rand(batch, generator=generator) < self.p if self.p < 1
+                   else torch.ones(batch, dtype=torch.bool))
         order = torch.rand(batch, 4, generator=generator).argsort(1)  # a random permutation per image
         factors = [None if r is None else _uniform(*r, batch, generator) for r in self.ranges]
         fns = (ops.tv_brightness, ops.tv_contrast, ops.tv_saturation, ops.tv_hue)
@@ -174,7 +164,7 @@ class GrayscaleStage:
         self.p = p
 
     def plan(self, batch, h, w, channels, generator=None) -> list[Step]:
-        rows = (_rand(batch, generator) < self.p).nonzero().flatten()
+        rows = (torch.rand(batch, generator=generator) < self.p).nonzero().flatten()
         return [[Group(ops.to_grayscale, rows, {})] if len(rows) and channels == 3 else []]
 
 
@@ -185,7 +175,7 @@ class BlurStage:
         self.kernel, self.sigma, self.p = kernel, sigma, p
 
     def plan(self, batch, h, w, channels, generator=None) -> list[Step]:
-        applied = _rand(batch, generator) < self.p
+        applied = torch.rand(batch, generator=generator) < self.p
         sigma = _uniform(*self.sigma, batch, generator)
         rows = applied.nonzero().flatten()
         if not len(rows):
@@ -241,24 +231,41 @@ class AutoAugmentStage:
         self.reference = v2.AutoAugment(policy, fill=fill)
         self.policies, self.space = self.reference._policies, self.reference._AUGMENTATION_SPACE
         self.fill = torch.tensor([float(fill)])
+        self.tables: dict[tuple[int, int], list] = {}  # image size -> _ops(h, w)
+
+    def _ops(self, h: int, w: int) -> list[list[tuple[str, float, float, bool]]]:
+        """Per slot and sub-policy: (op, probability, magnitude at (h, w), signed); once per size."""
+        if (h, w) in self.tables:
+            return self.tables[h, w]
+        table = []
+        for slot in range(2):
+            row = []
+            for policy in self.policies:
+                name, probability, bin_ = policy[slot]
+                magnitudes, signed = self.space[name]
+                values = magnitudes(10, h, w)
+                row.append((name, probability, 0.0 if values is None else float(values[bin_]),
+                            signed and values is not None))
+            table.append(row)
+        self.tables[h, w] = table
+        return table
 
     def plan(self, batch, h, w, channels, generator=None) -> list[Step]:
         chosen = torch.randint(len(self.policies), (batch,), generator=generator).tolist()
         fill = self.fill.expand(channels)
+        table = self._ops(h, w)
         steps = []
         for slot in range(2):
-            applied, negate = _rand(batch, generator), _rand(batch, generator) <= 0.5
+            applied = torch.rand(batch, generator=generator).tolist()
+            negate = (torch.rand(batch, generator=generator) <= 0.5).tolist()
             by_op: dict[str, tuple[list[int], list[float]]] = {}
             for i, p in enumerate(chosen):
-                name, probability, bin_ = self.policies[p][slot]
+                name, probability, m, signed = table[slot][p]
                 if not applied[i] <= probability:
                     continue
-                magnitudes, signed = self.space[name]
-                values = magnitudes(10, h, w)
-                m = 0.0 if values is None else float(values[bin_])
                 rows, ms = by_op.setdefault(name, ([], []))
                 rows.append(i)
-                ms.append(-m if signed and values is not None and negate[i] else m)
+                ms.append(-m if signed and negate[i] else m)
             step = []
             for name, (rows, ms) in by_op.items():
                 fn, params = autoaugment_op(name, ms, h, w, fill)
@@ -343,13 +350,3 @@ class BatchedAugment:
 
     def __repr__(self) -> str:
         return f"BatchedAugment({', '.join(type(s).__name__ for s in self.stages)})"
-
-
-class BatchedRandAugment(BatchedAugment):
-    """timm's RandAugment alone, for a batch."""
-
-    def __init__(self, num_ops: int, magnitude: float, magnitude_std: float, fill: tuple[int, ...]):
-        super().__init__([RandAugmentStage(num_ops, magnitude, magnitude_std, fill)])
-
-    def draw(self, batch: int, generator: torch.Generator | None = None):
-        return self.stages[0].draw(batch, generator)
