@@ -263,11 +263,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def fit(cfg: TrainConfig):
-    """Run ``cfg`` (its ``data.path`` prepared) as a Ray Train TorchTrainer under
-    ``storage_path/run_name``; re-running the same name resumes from its last checkpoint."""
+    """Run ``cfg`` (its ``data.path`` prepared and checked by the command, before Ray started) as a
+    Ray Train TorchTrainer under ``storage_path/run_name``; re-running the same name resumes from
+    its last checkpoint."""
     from .driver import run_trainer
 
-    check_dataset(cfg.data.path)  # a bad dataset fails here in one line, not in every worker
     return run_trainer(train_loop_per_worker, cfg, name=cfg.run_name, storage_path=cfg.storage_path,
                        keep=cfg.keep_checkpoints)
 
