@@ -30,6 +30,7 @@ from .errors import InputError, MissingInputError
 TABLE_COLUMNS = ("top1", "top5", "balanced_acc", "many", "medium", "few")
 PICK_METRIC = "val_balanced_acc"  # what a run keeps its checkpoints by (driver.run_trainer)
 CHECKPOINT_DIR = re.compile(r"epoch_\d+|checkpoint_.+")  # LocalSession's and Ray Train's names
+CHECKPOINT_EPOCH = re.compile(r"(?:checkpoint_)?epoch_(\d+)")  # names that say their epoch
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -177,9 +178,26 @@ def recorded_metric(checkpoint: str, metric: str = PICK_METRIC) -> float:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
 
 
+def epoch_scores(storage: str) -> dict[int, float]:
+    """Epoch -> PICK_METRIC from a run folder's metrics.jsonl (empty when it has none): what each
+    epoch's checkpoint recorded, without reading the checkpoints."""
+    import json
+
+    from .run_folder import METRICS
+    from .storage import exists, filesystem, read_text
+
+    fs, file = filesystem(f"{storage}/{METRICS}")
+    if not exists(fs, file):
+        return {}
+    lines = [json.loads(line) for line in read_text(fs, file).splitlines() if line.strip()]
+    return {m["epoch"]: float(m[PICK_METRIC]) if isinstance(m.get(PICK_METRIC), (int, float)) else -math.inf
+            for m in lines if "epoch" in m}
+
+
 def resolve_checkpoint(path: str) -> tuple[str, Picked | None]:
     """``path`` itself when it is a checkpoint; for a run folder, its checkpoint with the highest
-    recorded PICK_METRIC, by the criterion the training command uses (driver.best_checkpoint)."""
+    recorded PICK_METRIC (from metrics.jsonl for checkpoints named by epoch, else from the
+    checkpoint itself), by the criterion the training command uses (driver.best_checkpoint)."""
     from .driver import best_checkpoint
     from .storage import to_uri
 
@@ -187,7 +205,15 @@ def resolve_checkpoint(path: str) -> tuple[str, Picked | None]:
     if found is None:
         return path, None
     storage = path if "://" in path else os.path.abspath(path)
-    scored = [(recorded_metric(to_uri(storage, d)), d) for d in found]
+    by_epoch = epoch_scores(storage)
+
+    def score(directory: str) -> float:
+        named = CHECKPOINT_EPOCH.fullmatch(directory.rsplit("/", 1)[-1])
+        if named and int(named[1]) in by_epoch:
+            return by_epoch[int(named[1])]
+        return recorded_metric(to_uri(storage, directory))
+
+    scored = [(score(d), d) for d in found]
     best = to_uri(storage, best_checkpoint(scored, storage))
     value = max(score for score, _ in scored)
     return best, Picked(best, path, PICK_METRIC, value, len(found))

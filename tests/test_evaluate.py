@@ -169,6 +169,23 @@ def best_of(recorded):
     return max(recorded, key=lambda path: recorded[path]["val_balanced_acc"])
 
 
+def test_a_run_folder_with_checkpoints_named_by_epoch_is_ranked_from_its_metrics_file(run, tmp_path, monkeypatch):
+    import json
+
+    from paco_ray import evaluate
+
+    run_dir, _, recorded = run
+    copy = shutil.copytree(run_dir, tmp_path / "run")
+    lines = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    worst = min(lines, key=lambda m: m["val_balanced_acc"])["epoch"]
+    for m in lines:  # the metrics file alone says which epoch was best: here the worse one
+        m["val_balanced_acc"] = 99.0 if m["epoch"] == worst else 1.0
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    monkeypatch.setattr(evaluate, "recorded_metric", lambda *_: pytest.fail("a checkpoint was read to rank it"))
+    checkpoint, picked = resolve_checkpoint(str(copy))
+    assert checkpoint == str(copy / f"epoch_{worst:04d}") and picked.value == 99.0
+
+
 def test_a_run_folder_picks_the_checkpoint_with_the_best_recorded_val_metric(run, tmp_path):
     run_dir, _, recorded = run
     assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
