@@ -250,7 +250,8 @@ def _validate_model_and_optim(cfg: TrainConfig) -> None:
 
 # What may change between a checkpoint and the run that resumes from it: resources, I/O, logging.
 RESUME_MAY_CHANGE = {"workers", "cpus_per_worker", "use_gpu", "amp", "amp_dtype", "storage_path", "name",
-                     "keep_checkpoints", "max_failures", "log_level", "placement_strategy", "skip_nonfinite", "compile", "progress_every_s",
+                     "keep_checkpoints", "max_failures", "log_level", "placement_strategy", "skip_nonfinite",
+                     "compile", "progress_every_s",
                      "resume_override", "data.num_workers", "data.eval_batch_size", "data.stage_dir",
                      *(f"default_data.{f.name}" for f in dataclasses.fields(DefaultDataConfig))}
 

@@ -46,6 +46,11 @@ def setup_logging(level: int | str = logging.INFO) -> logging.Logger:
     return logger
 
 
+def labelled(label: str, line: str) -> str:
+    """``[label] line`` (a Tune trial id first), or the line itself without a label."""
+    return f"[{label}] {line}" if label else line
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds >= 3600:
@@ -78,10 +83,9 @@ class Progress:
             return False
         self.last = now
         elapsed = now - self.first[0]
-        prefix = f"[{self.label}] " if self.label else ""
-        self.logger.info(f"{prefix}epoch {self.epoch + 1}/{self.epochs}  step {step}/{self.steps}  "
+        self.logger.info(labelled(self.label, f"epoch {self.epoch + 1}/{self.epochs}  step {step}/{self.steps}  "
                          f"{(images - self.first[1]) / elapsed:.0f} img/s  loss {float(loss):.4f}  lr {lr:.3g}  "
-                         f"ETA {_duration(elapsed / (step - 1) * (self.steps - step))}")
+                         f"ETA {_duration(elapsed / (step - 1) * (self.steps - step))}"))
         return True
 
 
@@ -93,7 +97,6 @@ def epoch_line(metrics: dict[str, Any], epochs: int, label: str = "") -> str:
         val += f"  top1 {metrics['val_top1']:.2f}"
     shots = "".join(f"  {g} {metrics[f'val_{g}']:.1f}" for g in ("many", "medium", "few")
                     if f"val_{g}" in metrics and metrics[f"val_{g}"] == metrics[f"val_{g}"])  # NaN: no class
-    prefix = f"[{label}] " if label else ""
     skipped = f"  skipped {metrics['skipped_steps']}" if metrics.get("skipped_steps") else ""
-    return (f"{prefix}epoch {metrics['epoch']}/{epochs}  loss {metrics['train_loss']:.4f}  {val}{shots}{skipped}  "
-            f"({metrics['epoch_time_s']:.1f} s, {metrics['images_per_s']:.0f} img/s)")
+    return labelled(label, f"epoch {metrics['epoch']}/{epochs}  loss {metrics['train_loss']:.4f}  {val}{shots}"
+                           f"{skipped}  ({metrics['epoch_time_s']:.1f} s, {metrics['images_per_s']:.0f} img/s)")

@@ -40,7 +40,7 @@ from .host import keep_freed_memory
 from .losses import compute_loss
 from .model import PaCoModel
 from .optim import build_optimizer, skip_next_step_if
-from .progress import LOGGER, Progress, epoch_line, setup_logging
+from .progress import LOGGER, Progress, epoch_line, labelled, setup_logging
 from .run_folder import CONFIG, RESULTS, MetricsLog, config_yaml, to_json
 from .session import LocalSession, RaySession
 
@@ -145,11 +145,11 @@ def train(cfg: TrainConfig, session, kill_plan: KillPlan | None = None) -> None:
 
 
 def start_line(cfg: TrainConfig, data: PreparedDataset, session, start_epoch: int, steps: int) -> str:
-    prefix = f"[{session.label}] " if session.label else ""
     where = f"resuming at epoch {start_epoch + 1}" if start_epoch else "starting"
     first = "; FFCV compiles its pipelines on the first batch" if cfg.data.loader == "ffcv" else ""
-    return (f"{prefix}{cfg.loss}: {where}, {data.size('train')} training images of {data.classes.num_classes} "
-            f"classes, {session.world_size} worker(s) on {session.device.type}, {steps} steps per epoch{first}")
+    return labelled(session.label, f"{cfg.loss}: {where}, {data.size('train')} training images of "
+                    f"{data.classes.num_classes} classes, {session.world_size} worker(s) on {session.device.type}, "
+                    f"{steps} steps per epoch{first}")
 
 
 def use_amp(cfg: TrainConfig, device: torch.device) -> bool:
