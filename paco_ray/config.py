@@ -99,6 +99,7 @@ class TrainConfig:
     name: str = ""  # empty: derived from dataset, loss and seed
     keep_checkpoints: int = 2
     max_failures: int = 0
+    node_wait_s: float = 1800.0  # how long one attempt to place the workers waits for nodes; 0: no limit
     resume_override: bool = False  # resume from a checkpoint whose training settings differ from these
     skip_nonfinite: bool = False  # skip a step whose loss is NaN/Inf (default: stop with an error naming it)
     placement_strategy: str = "PACK"  # of the workers over nodes: PACK | SPREAD | STRICT_SPREAD | STRICT_PACK
@@ -174,6 +175,7 @@ def validate(cfg: TrainConfig) -> None:
            "must be DEBUG, INFO, WARNING or ERROR", cfg.log_level)
     _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", cfg.keep_checkpoints)
     _check(cfg.max_failures >= -1, "max_failures", "must be >= -1 (-1: retry forever)", cfg.max_failures)
+    _check(cfg.node_wait_s >= 0, "node_wait_s", "must be >= 0 (0: wait without limit)", cfg.node_wait_s)
     _check(cfg.placement_strategy in PLACEMENTS, "placement_strategy", f"must be one of {', '.join(PLACEMENTS)}",
            cfg.placement_strategy)
     _check(bool(cfg.storage_path), "storage_path", "must not be empty", cfg.storage_path)
@@ -250,7 +252,7 @@ def _validate_model_and_optim(cfg: TrainConfig) -> None:
 
 # What may change between a checkpoint and the run that resumes from it: resources, I/O, logging.
 RESUME_MAY_CHANGE = {"workers", "cpus_per_worker", "use_gpu", "amp", "amp_dtype", "storage_path", "name",
-                     "keep_checkpoints", "max_failures", "log_level", "placement_strategy", "skip_nonfinite",
+                     "keep_checkpoints", "max_failures", "node_wait_s", "log_level", "placement_strategy", "skip_nonfinite",
                      "compile", "progress_every_s",
                      "resume_override", "data.num_workers", "data.eval_batch_size", "data.stage_dir",
                      *(f"default_data.{f.name}" for f in dataclasses.fields(DefaultDataConfig))}

@@ -1,13 +1,16 @@
 """The Ray side of a run, shared by ``paco_ray.train`` and every ``paco_ray.tune`` trial: start
-Ray, check that the workers fit the cluster, run one ``TorchTrainer``, pick its best checkpoint,
-and turn a failed run into one line."""
+Ray, check that the workers can ever be placed on the cluster (at its largest, where an
+autoscaler runs), run one ``TorchTrainer`` whose workers wait a bounded time for their nodes, pick
+its best checkpoint, and turn a failed run into one line."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 from typing import Any, Callable, Iterable
 
+from .capacity import Capacity, autoscaler_activity, autoscaler_report, fmt, read_capacity
 from .config import TrainConfig
 from .faults import KillPlan
 from .schema import ConfigError
@@ -75,45 +78,51 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
     return resources
 
 
-def copies_that_fit(need: dict[str, float], available: dict[str, float]) -> tuple[int, str | None]:
-    """How many copies of ``need`` fit into ``available``, and the first resource of which not
-    even one copy fits (None when one does)."""
-    copies = math.inf
-    for name, amount in need.items():
-        have = available.get(name, 0.0)
-        if amount > have + 1e-9:
-            return 0, name
-        copies = min(copies, int((have + 1e-9) // amount))
-    return int(copies), None
+def check_fits_cluster(cfg: TrainConfig, capacity: Capacity | None = None) -> Capacity:
+    """Fail fast, in one line, when the workers can never be placed on this cluster: not on the
+    nodes up now, nor, where an autoscaler runs, on the nodes it may add. Returns the capacity."""
+    capacity = capacity or read_capacity()
+    problem = capacity.placement_problem(worker_resources(cfg), cfg.workers, cfg.placement_strategy)
+    if problem:
+        raise ConfigError(problem)
+    return capacity
 
 
-def check_fits_cluster(cfg: TrainConfig) -> None:
-    """Fail fast (instead of waiting forever) when the workers cannot be placed on this cluster."""
-    import ray
+@contextlib.contextmanager
+def environ(**values: str):
+    """``os.environ`` with ``values`` set within the block (Ray reads some settings from it)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
-    if cfg.placement_strategy == "STRICT_SPREAD":
-        nodes = sum(1 for node in ray.nodes() if node["Alive"])
-        if cfg.workers > nodes:
-            raise ConfigError(f"placement_strategy: STRICT_SPREAD puts each of the {cfg.workers} workers on its own "
-                              f"node but the cluster has {nodes}")
-    per_worker = worker_resources(cfg)
-    cluster = ray.cluster_resources()
-    _, short = copies_that_fit({k: v * cfg.workers for k, v in per_worker.items()}, cluster)
-    if short:
-        raise ConfigError(f"workers: {cfg.workers} workers x {per_worker[short]:g} {short} exceed the cluster's "
-                          f"{cluster.get(short, 0):g} {short}")
+
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's wait for a worker group's nodes
+NO_LIMIT_S = 10 ** 9
 
 
 def run_trainer(loop: Callable[[dict], None], cfg: TrainConfig, *, name: str, storage_path: str, keep: int,
-                metric: str = "val_balanced_acc", callbacks: list | None = None):
+                metric: str = "val_balanced_acc", callbacks: list | None = None, autoscaling: bool = False):
     """Run ``loop`` on ``cfg.workers`` Ray Train workers and return the Result; raises
     ``ray.train.TrainingFailedError`` once ``max_failures`` restarts are used up. The same
-    ``name`` and ``storage_path`` resume from the run's last checkpoint. A fault-injection drill
-    in this process's environment (paco_ray.faults) travels to the workers."""
+    ``name`` and ``storage_path`` resume from the run's last checkpoint. While the workers wait
+    for their nodes, the waiting line prints; one attempt to place them waits ``node_wait_s``
+    (Ray Train's worker-group start timeout) and counts like a failure against ``max_failures``.
+    A fault-injection drill in this process's environment (paco_ray.faults) travels to the workers."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from .node_wait import WaitingLine
+    from .session import trial_label
+
     kill_plan = KillPlan.from_env(os.environ)
+    waiting = WaitingLine(cfg.workers, worker_resources(cfg), cfg.progress_every_s, autoscaling, trial_label(name))
     # Workers stage a dataset in object storage before their first collective: the process group
     # waits longer than a node may stage, so a slow node ends in the staging error naming it.
     collective_timeout_s = 1800 + (STAGE_TIMEOUT_S if is_uri(cfg.data.path) else 0)
@@ -128,12 +137,16 @@ def run_trainer(loop: Callable[[dict], None], cfg: TrainConfig, *, name: str, st
             name=name, storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=metric,
                                                          checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # a worker group that could not be placed (or started) in time gets the same retries as
+            # one that failed while training
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
+                                                   controller_failure_limit=cfg.max_failures),
             logging_config=ray.train.LoggingConfig(log_level=cfg.log_level),
             worker_runtime_env={"env_vars": kill_plan.env()} if kill_plan else None,
-            callbacks=callbacks),
+            callbacks=[*(callbacks or []), waiting]),
     )
-    return trainer.fit()
+    with environ(**{START_TIMEOUT_ENV: f"{cfg.node_wait_s or NO_LIMIT_S:g}"}):
+        return trainer.fit()
 
 
 def result_checkpoints(result, metric: str = "val_balanced_acc") -> list[tuple[float, str]]:
@@ -151,18 +164,59 @@ def best_checkpoint(candidates: Iterable[tuple[float, str]], storage: str) -> st
     return None
 
 
-def failure_line(error: BaseException) -> str:
+def failure_line(error: BaseException, cfg: TrainConfig | None = None) -> str:
     """One line for a failed run: the worker that caused it and its own error, not the traceback
-    Ray wraps around every worker's (a lost worker first: the others then fail in collectives)."""
+    Ray wraps around every worker's (a lost worker first: the others then fail in collectives,
+    and a lost node is named); workers that were never placed, with what the autoscaler did."""
     failures: dict[int, Any] = getattr(error, "worker_failures", None) or {}
     if not failures:
         cause = getattr(error, "controller_failure", error)
+        if type(cause).__name__ == "WorkerGroupStartupTimeoutError" and cfg is not None:
+            return (f"the {cfg.workers} workers ({fmt(worker_resources(cfg))} each) were not placed within "
+                    f"node_wait_s={cfg.node_wait_s:g} s; {autoscaler_activity(autoscaler_report())}")
         return f"{type(cause).__name__}: {_first_line(cause)}"
     died = sorted(rank for rank, err in failures.items() if type(err).__name__ in WORKER_DEATHS)
     if died:
+        node = lost_node(failures[died[0]])
+        if node:
+            return f"worker {died[0]} died: its node {node} was lost"
         return f"worker {died[0]} died (its process exited or stopped answering health checks)"
     rank, cause = min(failures.items())
     return f"worker {rank}: {type(cause).__name__}: {_first_line(cause)}"
+
+
+def lost_node(error: BaseException) -> str | None:
+    """The id of the node a dead worker ran on when that node is gone (marked dead by Ray, or its
+    raylet no longer answering), else None: the worker's process died on a node that lives on."""
+    actor_id = None
+    while error is not None and actor_id is None:  # Ray nests the actor's own error in its health check's
+        actor_id = getattr(error, "actor_id", None)
+        error = getattr(error, "health_check_failure", None) or error.__cause__
+    if not actor_id:
+        return None
+    try:
+        import ray
+        from ray.util.state import get_actor
+
+        actor = get_actor(actor_id if isinstance(actor_id, str) else actor_id.hex(), timeout=10)
+        node = next((n for n in ray.nodes() if actor and n["NodeID"] == actor.node_id), None)
+    except Exception:  # naming the node is a courtesy: the failure line must still print
+        return None
+    if node is None:
+        return None
+    if node["Alive"] and _answers(node["NodeManagerAddress"], node["NodeManagerPort"]):
+        return None
+    return node["NodeID"]
+
+
+def _answers(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def _first_line(error: BaseException) -> str:

@@ -8,8 +8,6 @@ import sys
 import time
 from typing import Any, Callable
 
-import torch
-
 LOGGER = "paco_ray"
 
 
@@ -51,7 +49,7 @@ def labelled(label: str, line: str) -> str:
     return f"[{label}] {line}" if label else line
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
@@ -71,7 +69,7 @@ class Progress:
         self.last = clock()
         self.first: tuple[float, int] | None = None  # (time, images) when the first step ended
 
-    def step(self, step: int, images: int, loss: torch.Tensor, lr: float) -> bool:
+    def step(self, step: int, images: int, loss: "torch.Tensor", lr: float) -> bool:
         """After ``step`` (1-based) steps and ``images`` images this epoch (all workers); True when
         a line was written."""
         if self.every_s <= 0 or step >= self.steps:
@@ -85,7 +83,7 @@ class Progress:
         elapsed = now - self.first[0]
         self.logger.info(labelled(self.label, f"epoch {self.epoch + 1}/{self.epochs}  step {step}/{self.steps}  "
                          f"{(images - self.first[1]) / elapsed:.0f} img/s  loss {float(loss):.4f}  lr {lr:.3g}  "
-                         f"ETA {_duration(elapsed / (step - 1) * (self.steps - step))}"))
+                         f"ETA {duration(elapsed / (step - 1) * (self.steps - step))}"))
         return True
 
 

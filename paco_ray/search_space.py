@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .capacity import HEAD_RESOURCE
 from .config import TrainConfig, upgrade_renamed_keys
 from .schema import (NUMBER, ConfigError, apply_overrides, check_keys, coerce, field_type, flatten, from_mapping,
                      read_yaml_mapping, set_dotted)
@@ -58,12 +59,17 @@ class Resources:
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     trial_driver_cpus: float = 0.1  # the Tune trial actor that runs the TorchTrainer
+    trial_driver_on_head: bool = True  # keep trial actors on the head, off the nodes added for workers
 
     def per_trial(self) -> dict[str, float]:
         need = {"CPU": self.workers * self.cpus_per_worker + self.trial_driver_cpus}
         if self.use_gpu:
             need["GPU"] = float(self.workers)
         return need
+
+    def trial_driver(self) -> dict[str, float]:
+        """The Tune trial actor's resources (Ray's head-node resource pins it to the head)."""
+        return {"CPU": self.trial_driver_cpus, **({HEAD_RESOURCE: 0.001} if self.trial_driver_on_head else {})}
 
 
 @dataclass

@@ -262,14 +262,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- the command
 
 
-def fit(cfg: TrainConfig):
+def fit(cfg: TrainConfig, autoscaling: bool = False):
     """Run ``cfg`` (its ``data.path`` prepared and checked by the command, before Ray started) as a
     Ray Train TorchTrainer under ``storage_path/run_name``; re-running the same name resumes from
-    its last checkpoint."""
+    its last checkpoint. ``autoscaling``: the workers may wait for the autoscaler's nodes."""
     from .driver import run_trainer
 
     return run_trainer(train_loop_per_worker, cfg, name=cfg.run_name, storage_path=cfg.storage_path,
-                       keep=cfg.keep_checkpoints)
+                       keep=cfg.keep_checkpoints, autoscaling=autoscaling)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,11 +302,11 @@ def run(cfg: TrainConfig) -> int:
     check_dataset(cfg.data.path)  # bad data and impossible requests fail before Ray starts
     check_gpu_request(cfg.use_gpu)
     start_ray()
-    check_fits_cluster(cfg)
+    capacity = check_fits_cluster(cfg)
     try:
-        result = fit(cfg)
+        result = fit(cfg, capacity.autoscaling)
     except ray.train.TrainingFailedError as err:
-        print(f"error: training failed (max_failures: {cfg.max_failures}): {failure_line(err)}", file=sys.stderr)
+        print(f"error: training failed (max_failures: {cfg.max_failures}): {failure_line(err, cfg)}", file=sys.stderr)
         bad_input = any(isinstance(e, InputError) for e in getattr(err, "worker_failures", {}).values())
         return 2 if bad_input else 1
     path = best_checkpoint(result_checkpoints(result), cfg.storage_path)

@@ -9,7 +9,6 @@ on the test split and, with ``--then-train``, retrains the best config on the wh
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -32,7 +31,8 @@ from .commands import tune_parser
 from .config import TrainConfig
 from .data.prepared import DatasetError
 from .data.staging import check_dataset
-from .driver import best_checkpoint, copies_that_fit
+from .capacity import Capacity, fmt
+from .driver import best_checkpoint, environ
 from .errors import InputError
 from .evaluate import evaluate_checkpoint, format_table
 from .schema import ConfigError, flatten, set_dotted
@@ -47,10 +47,11 @@ SUMMARY = "summary.txt"
 # ----------------------------------------------------------------------------- the trainable
 
 
-def run_trial(config: dict[str, Any], space: dict[str, Any]) -> None:
+def run_trial(config: dict[str, Any], space: dict[str, Any], autoscaling: bool = False) -> None:
     """One Tune trial: a TorchTrainer on the trial's config, reporting each epoch to Tune.
 
     The Train run is named by the trial id, so a restored trial resumes from its own checkpoint.
+    ``autoscaling``: its workers may wait for the autoscaler's nodes.
     """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -63,50 +64,69 @@ def run_trial(config: dict[str, Any], space: dict[str, Any]) -> None:
     # raises ray.train.TrainingFailedError: Tune marks the trial as errored
     run_trainer(train_loop_per_worker, search.trial_config(config), name=trial_run_name(search.name, trial_id),
                 storage_path=search.storage_path, keep=search.checkpoints.keep_per_trial,
-                metric=search.scheduler.metric, callbacks=[TuneReportCallback()])
+                metric=search.scheduler.metric, callbacks=[TuneReportCallback()], autoscaling=autoscaling)
 
 
 # ----------------------------------------------------------------------------- resources
 
 
-def trials_that_fit(space: SearchSpace, cluster: dict[str, float]) -> int:
-    """How many trials the cluster runs at once; raises when not even one fits."""
-    need = space.resources.per_trial()
-    fits, short = copies_that_fit(need, cluster)
-    if short:
-        r = space.resources
-        detail = (f"{r.workers} workers x 1 GPU" if short == "GPU" else
-                  f"{r.workers} workers x {r.cpus_per_worker:g} CPU + {r.trial_driver_cpus:g} for the trial driver")
-        raise ConfigError(f"resources: one trial needs {need[short]:g} {short} ({detail}) but the cluster has "
-                          f"{cluster.get(short, 0):g} {short}")
+def trial_bundles(space: SearchSpace) -> tuple[dict[str, float], dict[str, float]]:
+    """(one worker's resources, the trial driver's resources) of a trial."""
+    r = space.resources
+    return {"CPU": r.cpus_per_worker, **({"GPU": 1.0} if r.use_gpu else {})}, r.trial_driver()
+
+
+def trials_that_fit(space: SearchSpace, capacity: Capacity, limit: int = 256) -> int:
+    """How many trials (workers and trial driver each) the cluster holds at once at its largest,
+    up to ``limit``; raises, in one line, when not even one ever fits."""
+    worker, driver = trial_bundles(space)
+    workers = space.resources.workers
+    problem = capacity.placement_problem(worker, workers, space.full_config().placement_strategy)
+    if problem:
+        raise ConfigError(f"resources: one trial can never be placed: {problem}")
+    fits = 0
+    while fits < limit and capacity.fits([worker] * (workers * (fits + 1)) + [driver] * (fits + 1), spread=worker):
+        fits += 1
+    if fits == 0:
+        where = " on the head" if space.resources.trial_driver_on_head else ""
+        raise ConfigError(f"resources: one trial ({workers} x {fmt(worker)} + {fmt(driver)} for its trial driver{where}) "
+                          f"can never be placed: {capacity.kinds_text()}")
     return fits
 
 
-def concurrency(space: SearchSpace, cluster: dict[str, float]) -> int:
-    fits = trials_that_fit(space, cluster)
-    if space.max_concurrent_trials == 0:
-        return fits
-    if space.max_concurrent_trials > fits:
-        sys.stderr.write(f"warning: max_concurrent_trials={space.max_concurrent_trials} but only {fits} trials fit "
-                         "the cluster now; the others wait for resources\n")
-    return space.max_concurrent_trials
+def concurrency(space: SearchSpace, capacity: Capacity, trials: int = 256) -> int:
+    """Trials at once: ``max_concurrent_trials`` (0: as many as fit), never more than fit the
+    cluster at its largest (more would wait for workers that never start), nor than ``trials``."""
+    fits = trials_that_fit(space, capacity, limit=max(1, trials))
+    if space.max_concurrent_trials == 0 or space.max_concurrent_trials <= fits:
+        return min(space.max_concurrent_trials or fits, fits)
+    where = "at its largest" if capacity.autoscaling else "now"
+    sys.stderr.write(f"warning: max_concurrent_trials={space.max_concurrent_trials} but {fits} trial(s) fit the "
+                     f"cluster {where}; running {fits} at once\n")
+    return fits
 
 
-def scale_to_cluster(cfg: TrainConfig, cluster: dict[str, float]) -> TrainConfig:
-    """The same config on every worker the cluster can hold: the per-worker batch is kept, the
-    global batch grows with the workers and the learning rate scales linearly with it."""
+def scale_to_cluster(cfg: TrainConfig, capacity: Capacity) -> TrainConfig:
+    """The same config on every worker the cluster can hold at its largest: the per-worker batch
+    is kept, the global batch grows with the workers and the learning rate scales linearly with it."""
     per_worker_batch = cfg.data.batch_size // cfg.workers
     cpus_per_worker = cfg.cpus_per_worker
     if cfg.use_gpu:
-        workers = int(cluster.get("GPU", 0))
+        gpu = {"GPU": 1.0}
+        workers = capacity.slots(gpu)
         if workers < 1:
-            raise ConfigError("resources.use_gpu: the cluster has no GPU to retrain on")
-        cpus_per_worker = min(cpus_per_worker, max(1.0, math.floor(cluster.get("CPU", 0) / workers)))
+            raise ConfigError(f"resources.use_gpu: no node can hold a GPU worker: {capacity.kinds_text()}")
+        used = [k for k, _, _ in capacity.largest(gpu) if k.copies(gpu) >= 1 and k.resources is not None]
+        cpus_per_worker = min([cpus_per_worker] + [max(1.0, math.floor(k.resources.get("CPU", 0) / k.resources["GPU"]))
+                                                   for k in used])
     else:
-        workers = int((cluster.get("CPU", 0) + 1e-9) // cpus_per_worker)
+        workers = capacity.slots({"CPU": cpus_per_worker})
         if workers < 1:
-            raise ConfigError(f"resources.cpus_per_worker: {cpus_per_worker:g} CPU exceeds the cluster's CPUs")
-    batch = per_worker_batch * workers
+            raise ConfigError(f"resources.cpus_per_worker: no node holds {cpus_per_worker:g} CPU: {capacity.kinds_text()}")
+    if math.isinf(workers):
+        raise ConfigError(f"the cluster has no limit on its nodes ({capacity.kinds_text()}): set the workers "
+                          "to retrain on instead of scaling to the cluster")
+    workers, batch = int(workers), per_worker_batch * int(workers)
     return dataclasses.replace(cfg, workers=workers, cpus_per_worker=cpus_per_worker,
                                data=dataclasses.replace(cfg.data, batch_size=batch),
                                optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr * batch / cfg.data.batch_size))
@@ -240,20 +260,6 @@ def describe(space: SearchSpace, trials: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def _environ(**values: str):
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b), key=str):
@@ -306,15 +312,15 @@ def with_prepared_data(space: SearchSpace) -> SearchSpace:
     return dataclasses.replace(space, base=base)
 
 
-def build_tuner(space: SearchSpace, resume: bool, max_concurrent: int):
+def build_tuner(space: SearchSpace, resume: bool, max_concurrent: int, autoscaling: bool = False):
     """A new Tuner over the space's trials, or the interrupted experiment restored."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, space=space.to_dict()),
-                                    {"cpu": space.resources.trial_driver_cpus})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, space=space.to_dict(), autoscaling=autoscaling),
+                                    space.resources.trial_driver())
     if resume:
         if not tune.Tuner.can_restore(space.experiment_path):
             raise ConfigError(f"--resume: {space.experiment_path} holds no Tune experiment state")
@@ -363,21 +369,20 @@ def report_results(rows: list[TrialSummary], space: SearchSpace, elapsed: float)
     return text, best_cfg
 
 
-def retrain_best(best_cfg: TrainConfig) -> int:
+def retrain_best(best_cfg: TrainConfig, capacity: Capacity) -> int:
     """``--then-train``: the best config to its full budget on every worker the cluster holds."""
-    import ray
     import ray.train
 
     from .driver import failure_line, result_checkpoints
     from .train import fit
 
-    cfg = scale_to_cluster(best_cfg, ray.cluster_resources())
+    cfg = scale_to_cluster(best_cfg, capacity)
     print(f"\nretraining the best config for {cfg.optim.epochs} epochs on {cfg.workers} workers "
           f"(global batch {cfg.data.batch_size}, lr {cfg.optim.lr:g})", flush=True)
     try:
-        result = fit(cfg)
+        result = fit(cfg, capacity.autoscaling)
     except ray.train.TrainingFailedError as err:
-        print(f"error: retraining failed: {failure_line(err)}", file=sys.stderr)
+        print(f"error: retraining failed: {failure_line(err, cfg)}", file=sys.stderr)
         return 1
     final = best_checkpoint(result_checkpoints(result), cfg.storage_path)
     if final is None:
@@ -396,20 +401,20 @@ def unfinished_trials(results, space: SearchSpace) -> int:
 def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
     """The search, step by step: open (or resume) the experiment, prepare the data, fit the Tuner,
     summarise and prune, and optionally retrain the best config."""
-    import ray
-
+    from .capacity import read_capacity
     from .driver import check_gpu_request, start_ray
 
     fs, exp_path = open_experiment(space, resume)
     declared, space = space.to_dict(), with_prepared_data(space)  # bad data fails before Ray starts
     check_gpu_request(space.full_config().use_gpu)
     start_ray()
-    max_concurrent = concurrency(space, ray.cluster_resources())
-    tuner = build_tuner(space, resume, max_concurrent)
+    capacity = read_capacity()
+    max_concurrent = concurrency(space, capacity, len(resolve_trials(space)))
+    tuner = build_tuner(space, resume, max_concurrent, capacity.autoscaling)
     if not resume:
         write_text(fs, f"{exp_path}/{SNAPSHOT}", yaml.safe_dump(declared, sort_keys=False))
     started = time.perf_counter()
-    with _environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):  # TensorBoard comes from the trials' own writer
+    with environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):  # TensorBoard comes from the trials' own writer
         results = tuner.fit()
     unfinished = unfinished_trials(results, space)
     if unfinished:  # interrupted (Ctrl-C): keep every checkpoint for --resume
@@ -418,7 +423,7 @@ def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
     rows = summarize(results, space)
     text, best_cfg = report_results(rows, space, time.perf_counter() - started)
     print("\n" + text)
-    if then_train and (code := retrain_best(best_cfg)):
+    if then_train and (code := retrain_best(best_cfg, read_capacity())):
         return code
     return 1 if all(t.status == "error" for t in rows) else 0
 

@@ -113,14 +113,14 @@ def test_a_run_out_of_restarts_fails_in_one_line_and_resumes_when_run_again(
 def test_too_many_workers_for_the_cluster_fail_fast(ray_cluster, tiny_dataset, tmp_path, capsys):
     assert train_cli.main(["--workers", "4", "--set", f"data.path={tiny_dataset}",
                            "--set", f"storage_path={tmp_path}", "--set", "data.batch_size=16"]) == 2
-    assert "workers: 4 workers x 1 CPU exceed the cluster's 2 CPU" in capsys.readouterr().err
+    assert "workers: 4 workers x {CPU: 1} exceed what the cluster can hold (2): node " in capsys.readouterr().err
 
 
 def test_strict_spread_needs_a_node_per_worker(ray_cluster, tiny_dataset, tmp_path, capsys):
     assert train_cli.main(["--workers", "2", "--set", f"data.path={tiny_dataset}", "--set", f"storage_path={tmp_path}",
                            "--set", "placement_strategy=STRICT_SPREAD", "--set", "cpus_per_worker=0.5"]) == 2
-    assert "placement_strategy: STRICT_SPREAD puts each of the 2 workers on its own node but the cluster has 1" \
-        in capsys.readouterr().err
+    assert "placement_strategy: STRICT_SPREAD puts each of the 2 workers on its own node but the cluster has 1 " \
+        "that hold one ({CPU: 0.5})" in capsys.readouterr().err
 
 
 def test_bad_dataset_path_fails_in_the_driver_with_one_line(ray_cluster, tmp_path, capsys):

@@ -10,6 +10,7 @@ from paco_ray import tune as tune_cli
 from paco_ray.config import ConfigError
 from paco_ray.data.augment import view_names
 from paco_ray.search_space import load_space, parse, resolve_trials
+from paco_ray.capacity import Capacity, present
 from paco_ray.tune import TrialSummary, concurrency, prune_checkpoints, scale_to_cluster, unfinished_trials
 
 SPACES = sorted(Path(__file__).parent.parent.joinpath("search_spaces").glob("*.yaml"))
@@ -165,24 +166,31 @@ def test_existing_experiment_is_never_overwritten_and_resume_needs_one(tmp_path,
     assert "--resume: scheduler.grace_period differs" in capsys.readouterr().err
 
 
+def one_node(**resources) -> Capacity:
+    """A cluster of one head node with these resources."""
+    return present([{"NodeID": "h" * 56, "NodeManagerAddress": "10.0.0.1",
+                     "Resources": {**resources, "node:__internal_head__": 1.0}}])
+
+
 def test_one_trial_must_fit_the_cluster():
     space = load_space(SPACES[0].parent / "imagenet_lt.yaml")
-    with pytest.raises(ConfigError, match=r"resources: one trial needs 4 GPU \(4 workers x 1 GPU\) but the cluster has 1 GPU"):
-        concurrency(space, {"CPU": 64, "GPU": 1})
-    with pytest.raises(ConfigError, match=r"one trial needs 32.5 CPU .* but the cluster has 16 CPU"):
-        concurrency(space, {"CPU": 16, "GPU": 8})
-    assert concurrency(space, {"CPU": 200, "GPU": 16}) == 4
+    with pytest.raises(ConfigError, match=r"resources: one trial can never be placed: workers: 4 workers x "
+                                          r"\{GPU: 1, CPU: 8\} exceed what the cluster can hold \(1\)"):
+        concurrency(space, one_node(CPU=64, GPU=1))
+    with pytest.raises(ConfigError, match=r"4 workers x \{GPU: 1, CPU: 8\} exceed what the cluster can hold \(2\)"):
+        concurrency(space, one_node(CPU=16, GPU=8))
+    assert concurrency(space, one_node(CPU=200, GPU=16)) == 4
     auto = parse({**copy.deepcopy(MINIMAL), "resources": {"workers": 1, "cpus_per_worker": 0.5}})
-    assert concurrency(auto, {"CPU": 2}) == 3  # 0.6 CPU per trial
+    assert concurrency(auto, one_node(CPU=2)) == 3  # 0.6 CPU per trial
 
 
 def test_then_train_scales_workers_batch_and_lr_to_the_cluster():
     space = load_space(SPACES[0].parent / "fashion_mnist_lt.yaml")
-    cfg = scale_to_cluster(space.full_config(), {"CPU": 4})
+    cfg = scale_to_cluster(space.full_config(), one_node(CPU=4))
     assert (cfg.workers, cfg.data.batch_size, cfg.optim.epochs) == (4, 512, 15)  # 0.9 CPU per worker
     assert cfg.optim.lr == pytest.approx(0.4)
     gpu = load_space(SPACES[0].parent / "imagenet_lt.yaml").full_config()
-    cfg = scale_to_cluster(gpu, {"CPU": 64, "GPU": 16})
+    cfg = scale_to_cluster(gpu, one_node(CPU=64, GPU=16))
     assert (cfg.workers, cfg.data.batch_size, cfg.cpus_per_worker) == (16, 512, 4)
     assert cfg.optim.lr == pytest.approx(0.02 * 4)
 
