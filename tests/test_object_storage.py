@@ -325,3 +325,23 @@ def test_evaluating_a_checkpoint_uri_that_does_not_exist(s3, capsys):
 
     assert evaluate_cli.main([s3.uri("runs/nothing/checkpoint_000")]) == 2
     assert capsys.readouterr().err.strip() == "error: checkpoint or run folder 's3://paco-test/runs/nothing/checkpoint_000' does not exist"
+
+
+def test_an_unwritable_stage_directory_is_one_line_naming_it(uploaded, tmp_path, monkeypatch):
+    from paco_ray.data.staging import STAGE_DIR_ENV, local_dataset, stage_dir
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")  # even root cannot create a directory below a file
+    monkeypatch.setenv(STAGE_DIR_ENV, str(blocker / "paco_ray"))
+    with pytest.raises(DatasetError) as caught:
+        local_dataset(uploaded)
+    message = str(caught.value)
+    assert message.startswith(f"{STAGE_DIR_ENV}: cannot write the node's dataset cache {blocker / 'paco_ray'} on ")
+    assert "\n" not in message and "make it writable" in message
+    with pytest.raises(DatasetError, match=r"^data.stage_dir: cannot write"):
+        local_dataset(uploaded, str(blocker / "configured"))
+    # {node_id} gives every Ray node sharing a disk its own cache ("local" outside Ray)
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    assert stage_dir(str(tmp_path / "stage-{node_id}")) == tmp_path / f"stage-{node}"

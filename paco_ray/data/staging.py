@@ -41,17 +41,46 @@ def file_digest(path: str | os.PathLike) -> dict[str, Any]:
     return {"size": size, "sha256": digest.hexdigest()}
 
 
+def ray_node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # not a Ray process
+        return ""
+
+
 def stage_dir(configured: str) -> Path:
-    """The node-local cache: ``data.stage_dir``, else $PACO_RAY_STAGE_DIR, else ~/.cache/paco_ray/staged."""
+    """The node-local cache: ``data.stage_dir``, else $PACO_RAY_STAGE_DIR, else
+    ~/.cache/paco_ray/staged. ``{node_id}`` in it becomes the Ray node's id: one cache per Ray
+    node where several nodes share a disk."""
     chosen = configured or os.environ.get(STAGE_DIR_ENV) or "~/.cache/paco_ray/staged"
+    if "{node_id}" in chosen:
+        chosen = chosen.replace("{node_id}", ray_node_id() or "local")
     return Path(chosen).expanduser().resolve()
+
+
+def writable_cache(local: Path, configured: str) -> None:
+    """Create ``local`` (a dataset's folder in the stage directory), or fail in one line naming the
+    directory that cannot be written."""
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+        probe = local / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        key = STAGE_DIR_ENV if not configured and os.environ.get(STAGE_DIR_ENV) else "data.stage_dir"
+        raise DatasetError(f"{key}: cannot write the node's dataset cache {local.parent} on {socket.gethostname()} "
+                           f"({err.strerror or type(err).__name__}); make it writable for this user or set "
+                           "data.stage_dir to a writable local directory") from None
 
 
 def local_dataset(path: str, configured_stage_dir: str = "", timeout_s: float = STAGE_TIMEOUT_S) -> Path:
     """A local prepared directory for ``data.path``: itself, or a URI staged into the node's cache."""
     if not is_uri(path):
         return Path(path)
-    return stage(path, stage_dir(configured_stage_dir), timeout_s=timeout_s)
+    return stage(path, stage_dir(configured_stage_dir), timeout_s=timeout_s, configured=configured_stage_dir)
 
 
 def check_dataset(path: str) -> None:
@@ -83,12 +112,12 @@ def read_marker(uri: str) -> dict[str, Any]:
 
 
 def stage(uri: str, cache: Path, *, timeout_s: float = STAGE_TIMEOUT_S, verify_checksums: bool = False,
-          progress_every_s: float = 10.0) -> Path:
+          progress_every_s: float = 10.0, configured: str = "") -> Path:
     """The dataset at ``uri`` as a local directory under ``cache``, downloaded at most once per
     node (concurrent callers wait up to ``timeout_s`` for the one that downloads)."""
     marker = read_marker(uri)
     local = cache / _slug(uri)
-    local.mkdir(parents=True, exist_ok=True)
+    writable_cache(local, configured)
     with _node_lock(local / ".lock", timeout_s, uri):
         if _is_valid(local, marker, verify_checksums):
             return local
@@ -105,8 +134,8 @@ def stage(uri: str, cache: Path, *, timeout_s: float = STAGE_TIMEOUT_S, verify_c
         total = sum(f["size"] for f in files.values()) + marker[MANIFEST]["size"]
         seconds = time.perf_counter() - started
         with open(local / DOWNLOAD_LOG, "a") as log:
-            log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()} pid {os.getpid()} "
-                      f"{total} bytes in {seconds:.2f} s\n")
+            log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()} node {ray_node_id() or '-'} "
+                      f"pid {os.getpid()} {total} bytes in {seconds:.2f} s\n")
     return local
 
 
