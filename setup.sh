@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # Install everything paco_ray needs on a fresh Debian machine: system packages (the embedded
 # Fashion-MNIST data), a virtualenv at .venv and the pinned Python packages. Safe to re-run.
+#   ./setup.sh            everything, the test tools included (what the README and .ci/run use)
+#   ./setup.sh --runtime  what training needs only (cluster nodes: cluster.yaml)
 set -euo pipefail
 cd "$(dirname "$0")"
 
+EXTRAS="[dev]"
+if [ "${1:-}" = "--runtime" ]; then EXTRAS=""; fi
+
 # Fashion-MNIST IDX files (the embedded default); OpenCV and libjpeg-turbo headers that FFCV builds against.
 APT_PACKAGES=(dataset-fashion-mnist libopencv-dev libturbojpeg0-dev pkg-config)
+# the tests also use rsync (the cluster launcher's file sync, checked offline)
+if [ -n "$EXTRAS" ]; then APT_PACKAGES+=(rsync); fi
 PYTHON=${PYTHON:-python3.11}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -28,11 +35,11 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PYTHON" -m venv .venv
 fi
-stamp=.venv/.paco_ray-installed
+stamp=".venv/.paco_ray-installed${EXTRAS}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing Python packages (first time: a few minutes, torch is a large wheel)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q -e ".${EXTRAS}"
   .venv/bin/python -m pip check
   touch "$stamp"
 fi

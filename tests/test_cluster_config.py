@@ -38,7 +38,9 @@ def test_cluster_yaml_passes_rays_schema_and_a_typo_does_not(cluster):
 
 def test_nodes_install_the_project_as_the_readme_does(cluster):
     readme = (REPO / "README.md").read_text()
-    assert "./setup.sh" in readme and cluster["setup_commands"] == ["cd ~/paco_ray && ./setup.sh"]
+    # what training needs (no test tools), and the project's .venv first on the nodes' PATH
+    assert "./setup.sh" in readme and cluster["setup_commands"][0] == "cd ~/paco_ray && ./setup.sh --runtime"
+    assert "paco_ray/.venv/bin:$PATH" in cluster["setup_commands"][1] and ".bashrc" in cluster["setup_commands"][1]
     assert cluster["file_mounts"]["~/paco_ray"] == "."
     ray_pin = pins()["ray[train,tune,default]"]
     assert cluster["docker"]["image"].startswith(f"rayproject/ray:{ray_pin}-py311")  # same Ray, Python 3.11
@@ -79,4 +81,57 @@ def test_data_is_staged_on_local_disk_and_never_rsynced(cluster):
     options = cluster["docker"]["worker_run_options"]
     assert any(o.startswith(f"-e {STAGE_DIR_ENV}=/mnt/local/") for o in options)
     assert any(o.startswith("-v ") and o.endswith(":/mnt/local") for o in options)  # the host's local disk
-    assert {"data", "**/*.beton", "**/*.parquet"} <= set(cluster["rsync_exclude"])
+    # the stage directory on the host's NVMe is made writable for the container's user on each GPU type
+    for name, spec in cluster["available_node_types"].items():
+        if spec["resources"].get("GPU"):
+            assert any("/opt/dlami/nvme/paco_ray" in c and "chown" in c for c in spec["initialization_commands"])
+
+
+def tracked_tree(tmp_path: Path) -> Path:
+    """A copy of the repository's tracked files plus what a working copy also holds: a dataset, a
+    run folder, a virtualenv, Parquet and .beton files."""
+    import shutil
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    source = tmp_path / "repo"
+    for name in files:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, source / name)
+    for junk in ("data/imagenet_lt/train.beton", "data/imagenet_lt/manifest.parquet", "runs/r/checkpoint/state.pt",
+                 ".venv/bin/python", "paco_ray/data/__pycache__/x.pyc", "scratch/out.beton"):
+        (source / junk).parent.mkdir(parents=True, exist_ok=True)
+        (source / junk).write_text("x")
+    return source
+
+
+def test_rsync_copies_every_code_file_and_no_data(cluster, tmp_path):
+    from paco_ray.cluster_check import check, synced_files
+
+    source = tracked_tree(tmp_path)
+    synced = synced_files(cluster, source)
+    code = {str(p.relative_to(source)) for d in ("paco_ray", "pipelines", "configs", "search_spaces")
+            for p in (source / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert {"paco_ray/data/loaders.py", "paco_ray/data/__init__.py"} <= code <= synced
+    assert not [f for f in synced if f.startswith(("data/", "runs/", ".venv/")) or f.endswith((".beton", ".parquet"))
+                or "__pycache__" in f]
+    assert check(cluster, source) == []
+    # the shipped file's former excludes: an unanchored `data` drops the package paco_ray/data/
+    unanchored = {**cluster, "rsync_exclude": [".venv", "runs", "data", "**/*.beton"]}
+    assert "paco_ray/data/loaders.py" not in synced_files(unanchored, source)
+    assert any("code files would not reach the nodes" in p for p in check(unanchored, source))
+
+
+def test_images_and_worker_profiles_are_checked_offline(cluster, tmp_path):
+    from paco_ray.cluster_check import node_problems
+
+    assert node_problems(cluster, bucket=True) == []
+    old_form = copy.deepcopy(cluster)
+    old_form["available_node_types"]["gpu_small"]["node_config"]["ImageId"] = \
+        "resolve-ssm-parameter:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+    assert ["ImageId" in p and "gpu_small" in p for p in node_problems(old_form, bucket=True)] == [True]
+    no_profile = copy.deepcopy(cluster)
+    del no_profile["available_node_types"]["gpu_large"]["node_config"]["IamInstanceProfile"]
+    (problem,) = node_problems(no_profile, bucket=True)
+    assert problem.startswith("available_node_types.gpu_large.node_config: no IamInstanceProfile")
+    assert node_problems(no_profile, bucket=False) == []  # data and results not in a bucket: not needed
