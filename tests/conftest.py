@@ -1,10 +1,13 @@
 """Shared fixtures: a tiny Fashion-MNIST in its real IDX layout, tiny configs, one Ray cluster."""
 import contextlib
 import io
+import json
 import os
 import pickle
+import shutil
 import socket
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,8 +160,8 @@ def ray_cluster(tmp_path_factory, s3):
     home = tmp_path_factory.mktemp("home")
     saved = {k: os.environ.get(k) for k in ("HOME", "RAY_TRAIN_V2_ENABLED")}
     os.environ["HOME"] = str(home)
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
     _restore(saved)
@@ -234,3 +237,152 @@ def uninterrupted(ray_cluster, tiny_dataset, tmp_path_factory):
     with contextlib.redirect_stdout(out):
         assert train_cli.main(run_args(tiny_dataset, storage, "uninterrupted")) == 0
     return storage / "uninterrupted", out.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_processes(markers: list[str]) -> None:
+    """Stop the processes whose command line holds a marker (and their children) only; `ray stop`
+    would stop every Ray instance on the machine."""
+    import psutil
+
+    found = set()
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if any(marker in cmdline for marker in markers):
+            found.add(process)
+            try:
+                found.update(process.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+    for process in found:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(found, timeout=15)
+    for process in alive:
+        process.kill()
+
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_HEAD_TYPE = "ray.head.default"  # the names Ray's fake_multinode provider gives its head
+FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
+EMPTY_LISTS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+               "head_start_ray_commands", "worker_start_ray_commands", "cluster_synced_files", "rsync_exclude",
+               "rsync_filter")
+
+
+def fake_autoscaling_config(cluster: dict, gcs_address: str, cpu_scale: float = 0.5, max_nodes: int = 2) -> dict:
+    """``cluster.yaml``'s own node types on Ray's ``fake_multinode`` provider, scaled down to this
+    machine: each worker type keeps its name and resource keys (GPUs stay, as logical resources),
+    its CPUs times ``cpu_scale`` (at least 1), at most ``max_nodes`` nodes of it and in all, none
+    up at the start; the head holds 1 CPU (the drivers' node, as on the real cluster)."""
+    types = {FAKE_HEAD_TYPE: {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0}}
+    for name, spec in cluster["available_node_types"].items():
+        if name == cluster["head_node_type"]:
+            continue
+        resources = {k: (max(1, int(v * cpu_scale)) if k == "CPU" else v) for k, v in spec["resources"].items()}
+        types[name] = {"resources": resources, "node_config": {}, "min_workers": 0,
+                       "max_workers": min(spec["max_workers"], max_nodes)}
+    config = {"cluster_name": "paco-fake", "max_workers": min(cluster["max_workers"], max_nodes),
+              "upscaling_speed": cluster["upscaling_speed"], "idle_timeout_minutes": 0.25,
+              "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                           "disable_launch_config_check": True, "gcs_address": gcs_address},
+              "available_node_types": types, "head_node_type": FAKE_HEAD_TYPE, "auth": {}, "docker": {},
+              "file_mounts": {}, "file_mounts_sync_continuously": False}
+    return {**config, **{key: [] for key in EMPTY_LISTS}}
+
+
+@dataclass
+class AutoscalingCluster:
+    address: str                 # GCS address (RAY_ADDRESS)
+    dashboard: str               # http://127.0.0.1:PORT (ray job submit --address)
+    token: str
+    env: dict                    # for drivers and `ray` commands on this cluster (token auth on)
+    config: dict                 # the autoscaler's config
+    stage_dirs: Path             # PACO_RAY_STAGE_DIR is stage_dirs/{node_id}: one cache per node
+
+    def rest(self, path: str):
+        import json
+        import urllib.request
+
+        request = urllib.request.Request(self.dashboard + path, headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+
+    def nodes(self) -> list[dict]:
+        """The cluster's alive nodes (dashboard summaries)."""
+        return [n for n in self.rest("/nodes?view=summary")["data"]["summary"] if n["raylet"]["state"] == "ALIVE"]
+
+    def worker_node_ids(self) -> list[str]:
+        return sorted(n["raylet"]["nodeId"] for n in self.nodes() if n["raylet"]["nodeId"] != FAKE_HEAD_NODE_ID)
+
+
+@pytest.fixture(scope="session")
+def autoscaling_cluster(ray_cluster, s3, tmp_path_factory):
+    """A head with Ray's own autoscaler on the ``fake_multinode`` provider and no worker node: the
+    node types of cluster.yaml, scaled down (fake_autoscaling_config). Token auth on (the session
+    cluster's token); the S3 test server's environment reaches every node the autoscaler adds."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    token = (Path(os.environ["HOME"]) / ".ray" / "auth_token").read_text().strip()
+    temp = Path(tempfile.mkdtemp(prefix="pras", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    gcs, dashboard = free_port(), free_port()
+    from ray._private.services import get_node_ip_address
+
+    host = get_node_ip_address()  # the address `ray start` binds and the provider's nodes join
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    config = fake_autoscaling_config(cluster, f"{host}:{gcs}")
+    (temp / "autoscaler.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO), "RAY_FAKE_CLUSTER": "1",
+           "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "5", "PACO_RAY_STAGE_DIR": str(temp / "stage" / "{node_id}")}
+    env.pop("RAY_ADDRESS", None)
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    try:
+        subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", f"--temp-dir={temp}/ray",
+                        f"--autoscaling-config={temp / 'autoscaler.yaml'}", "--num-cpus=1", "--disable-usage-stats",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                        f"--metrics-export-port={free_port()}"],
+                       env={**env, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}, check=True,
+                       capture_output=True, timeout=180)
+        driver_env = {k: v for k, v in env.items() if k not in ("RAY_FAKE_CLUSTER", "AUTOSCALER_HEARTBEAT_TIMEOUT_S")}
+        yield AutoscalingCluster(f"{host}:{gcs}", f"http://127.0.0.1:{dashboard}", token,
+                                 {**driver_env, "RAY_ADDRESS": f"{host}:{gcs}"}, config, temp / "stage")
+    finally:
+        stop_processes([str(temp), f":{gcs}"])
+        shutil.rmtree(temp, ignore_errors=True)
+        forget_cluster(f":{gcs}")
+
+
+def forget_cluster(marker: str) -> None:
+    """Remove `ray start`'s record of a cluster we started and stopped (ray.init() and `ray`
+    commands would look for it)."""
+    from paco_ray.driver import RAY_CURRENT_CLUSTER
+
+    record = Path(RAY_CURRENT_CLUSTER)
+    if record.is_file() and marker in record.read_text():
+        record.unlink()
+
+
+def read(fs, path: str) -> str:
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def registered_epoch(fs, run_dir: str) -> int:
+    """The epoch of the newest checkpoint Ray Train has registered for a run (what a restore resumes
+    from; a checkpoint directory in storage may not be registered yet). 0: none."""
+    try:
+        snapshot = json.loads(read(fs, f"{run_dir}/checkpoint_manager_snapshot.json"))
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):  # not yet written, or being written
+        return 0

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,24 +15,18 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from paco_ray import train as train_cli
 from paco_ray.checkpoint import load_state
 from paco_ray.data.staging import DOWNLOAD_LOG, STAGE_DIR_ENV
+from conftest import forget_cluster, free_port, stop_processes
 from pipelines.writer import publish
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -49,28 +42,6 @@ class TwoNodes:
         request = urllib.request.Request(self.dashboard + path, headers={"Authorization": f"Bearer {self.token}"})
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)
-
-
-def stop_processes(markers: list[str]) -> None:
-    """Stop this cluster's processes (and their children) only; `ray stop` would stop every Ray
-    instance on the machine."""
-    found = set()
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if any(marker in cmdline for marker in markers):
-            found.add(process)
-            try:
-                found.update(process.children(recursive=True))
-            except psutil.NoSuchProcess:
-                pass
-    for process in found:
-        try:
-            process.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(found, timeout=15)
-    for process in alive:
-        process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +70,7 @@ def two_nodes(ray_cluster):
     finally:
         stop_processes([str(temp), f":{gcs}"])
         shutil.rmtree(temp, ignore_errors=True)
+        forget_cluster(f":{gcs}")
 
 
 PROM_LINE = re.compile(r"^(ray_paco_\w+)\{([^}]*)\} (\S+)$")
@@ -128,6 +100,18 @@ def run_args(dataset, storage, name, *extra):
 def final_state(storage: Path, name: str) -> dict:
     states = [load_state(p) for p in (storage / name).glob("checkpoint_*") if p.is_dir()]
     return max(states, key=lambda s: s["epoch"])
+
+
+def assert_kept_best_and_latest(run_dir: Path, keep: int, epochs: int) -> None:
+    """Ray Train keeps the best ``keep`` checkpoints by the metric and always the latest one."""
+    import json
+
+    scores = {m["epoch"]: m["val_balanced_acc"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    kept = {load_state(p)["epoch"] for p in run_dir.glob("checkpoint_*") if p.is_dir()}
+    assert epochs in kept and len(scores) == epochs
+    best = kept - {epochs} if len(kept) > keep else kept
+    assert len(best) == keep and len(kept) <= keep + 1, (kept, scores)
+    assert min(scores[e] for e in best) >= max((s for e, s in scores.items() if e not in kept), default=-1), (kept, scores)
 
 
 def test_two_node_ddp_equals_one_node_and_is_observable(two_nodes, ray_cluster, easy_dataset, s3, tmp_path, capsys):
@@ -181,8 +165,9 @@ def test_two_node_ddp_equals_one_node_and_is_observable(two_nodes, ray_cluster, 
     assert [len(found) for found in logs] == [1, 1], logs
     assert [len(found[0].read_text().splitlines()) for found in logs] == [1, 1]
 
-    # checkpoints in the shared storage path; the same seed on one node gives the same model
-    assert len([p for p in (shared / "two-nodes").glob("checkpoint_*") if p.is_dir()]) == 2
+    # checkpoints in the shared storage path: the best keep_checkpoints (2) by val balanced
+    # accuracy plus the latest, whichever epochs those are; the same seed on one node gives the same model
+    assert_kept_best_and_latest(shared / "two-nodes", keep=2, epochs=6)
     assert train_cli.main(run_args(easy_dataset, shared, "one-node", "--set", "cpus_per_worker=0.5")) == 0
     capsys.readouterr()
     two, one = final_state(shared, "two-nodes"), final_state(shared, "one-node")

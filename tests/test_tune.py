@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import event_tags
+from conftest import event_tags, read, registered_epoch
 from paco_ray import tune as tune_cli
 from paco_ray.checkpoint import load_state
 from paco_ray.config import load_config
@@ -40,21 +40,6 @@ def space_file(tmp_path, dataset, **overrides):
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-def read(fs, path: str) -> str:
-    with fs.open_input_stream(path) as stream:
-        return stream.read().decode()
-
-
-def registered_epoch(fs, run_dir: str) -> int:
-    """The epoch of the newest checkpoint Ray Train has registered for a run (what a restore resumes
-    from; a checkpoint directory in storage may not be registered yet). 0: none."""
-    try:
-        snapshot = json.loads(read(fs, f"{run_dir}/checkpoint_manager_snapshot.json"))
-        return int(snapshot["latest_checkpoint_result"]["metrics"]["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):  # not yet written, or being written
-        return 0
 
 
 def trial_results(fs, experiment: str) -> dict[str, list[dict]]:

@@ -1,0 +1,279 @@
+"""The shipped cluster's flow on Ray's own autoscaler (the ``fake_multinode`` provider, node types
+derived from cluster.yaml, no worker node at the start): runs that wait for the nodes they need,
+requests that can never fit refused at once, a node lost mid-run, and a search submitted as a Ray
+job, stopped and resumed. One autoscaling cluster for all of them (conftest.autoscaling_cluster)."""
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import FAKE_HEAD_NODE_ID, REPO, run_args
+from paco_ray.checkpoint import load_state
+from paco_ray.data.staging import DOWNLOAD_LOG
+from pipelines.writer import publish
+
+pytestmark = pytest.mark.ray
+EPOCHS = 4
+
+
+def final_state(run_dir: Path) -> dict:
+    return max((load_state(p) for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda s: s["epoch"])
+
+
+def train(cluster, *args, timeout=600) -> subprocess.CompletedProcess:
+    """``python -m paco_ray.train`` as a driver on the autoscaling cluster."""
+    return subprocess.run([sys.executable, "-m", "paco_ray.train", *args], env=cluster.env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def downloads_per_node(cluster) -> dict[str, int]:
+    """{Ray node id: downloads logged in that node's own cache}."""
+    return {log.parent.parent.name: len(log.read_text().splitlines())
+            for log in cluster.stage_dirs.glob(f"*/*/{DOWNLOAD_LOG}")}
+
+
+def wait_until(predicate, timeout: float, what: str, every: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def bucket_data(s3, tiny_dataset):
+    uri = s3.uri("datasets/tiny-autoscaling")
+    publish(Path(tiny_dataset), uri)
+    return uri
+
+
+def test_a_run_waits_for_the_autoscaler_and_ends_as_on_a_static_cluster(autoscaling_cluster, uninterrupted,
+                                                                         bucket_data, tmp_path):
+    cluster = autoscaling_cluster
+    assert cluster.worker_node_ids() == []  # the cluster starts with its head only
+    # STRICT_SPREAD: worker 1 needs a second node, which only the autoscaler can add
+    done = train(cluster, *run_args(bucket_data, tmp_path, "autoscaled", "--set", "cpus_per_worker=1",
+                                    "--set", "placement_strategy=STRICT_SPREAD", "--set", "progress_every_s=1"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "waiting for the autoscaler: 2 x {CPU: 1} pending (0 of 2 placed," in done.stdout + done.stderr
+
+    reference = final_state(uninterrupted[0])
+    state = final_state(tmp_path / "autoscaled")
+    assert state["epoch"] == reference["epoch"] == EPOCHS
+    different = [k for k in reference["model"] if not torch.equal(reference["model"][k], state["model"][k])]
+    assert not different, different[:5]
+    # the dataset in the bucket was staged once on each node that trained: the head and the one added
+    per_node = downloads_per_node(cluster)
+    assert sorted(per_node.values()) == [1, 1] and FAKE_HEAD_NODE_ID in per_node, per_node
+    (added,) = set(per_node) - {FAKE_HEAD_NODE_ID}
+    # idle, the added node is removed again (idle_timeout_minutes)
+    wait_until(lambda: added not in cluster.worker_node_ids(), 120, "the idle node to be removed", every=2)
+
+
+def test_what_can_never_fit_is_refused_at_once_naming_the_resource_and_the_node_types(
+        autoscaling_cluster, tiny_dataset, tmp_path):
+    cluster = autoscaling_cluster
+    base = ["--set", f"data.path={tiny_dataset}", "--set", f"storage_path={tmp_path}", "--set", "data.batch_size=16"]
+    started = time.time()
+    big = train(cluster, "--workers", "1", "--set", "cpus_per_worker=100", *base)
+    spread = train(cluster, "--workers", "4", "--set", "placement_strategy=STRICT_SPREAD", *base)
+    assert time.time() - started < 120  # no wait for nodes: refused before any worker starts
+    for done in (big, spread):
+        assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+        assert len(done.stderr.strip().splitlines()) == 1 or "Token authentication" in done.stderr
+    big_line = [line for line in big.stderr.splitlines() if line.startswith("error:")]
+    assert big_line == [big_line[0]] and "one worker needs {CPU: 100} but no node type has that much CPU" \
+        in big_line[0] and "gpu_small {GPU: 1, CPU: 2}" in big_line[0] and "gpu_large {GPU: 4, CPU: 24}" in big_line[0]
+    assert "STRICT_SPREAD puts each of the 4 workers on its own node but the cluster may have 3 that hold one" \
+        in spread.stderr
+
+
+def test_an_autoscaler_that_cannot_deliver_in_time_ends_the_run_in_one_line(autoscaling_cluster, tiny_dataset,
+                                                                            tmp_path):
+    """The driver is told of a node type the autoscaler cannot launch (as when a cloud has no
+    capacity left): the run starts, waits node_wait_s and ends in one line."""
+    import yaml
+
+    cluster = autoscaling_cluster
+    promised = {**cluster.config, "available_node_types": {**cluster.config["available_node_types"],
+                                                            "gpu_huge": {"resources": {"CPU": 64}, "max_workers": 1}}}
+    (tmp_path / "promised.yaml").write_text(yaml.safe_dump(promised))
+    env = {**cluster.env, "PACO_RAY_AUTOSCALING_CONFIG": str(tmp_path / "promised.yaml")}
+    done = subprocess.run([sys.executable, "-m", "paco_ray.train", "--workers", "1", "--set", "cpus_per_worker=64",
+                           "--set", f"data.path={tiny_dataset}", "--set", f"storage_path={tmp_path}",
+                           "--set", "data.batch_size=16", "--set", "node_wait_s=5", "--set", "progress_every_s=1"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: training failed (max_failures: 0): the 1 workers ({CPU: 64} each) were not placed "
+                      "within node_wait_s=5 s; no launch in progress"], done.stderr[-2000:]
+    assert "waiting for the autoscaler: 1 x {CPU: 64} pending (0 of 1 placed, " in done.stdout
+
+
+def worker_nodes_of_run(cluster) -> set[str]:
+    actors = cluster.rest("/api/v0/actors?detail=1&limit=1000")["data"]["result"]["result"]
+    return {a["node_id"] for a in actors if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"}
+
+
+def kill_node(node_id: str) -> int:
+    """SIGKILL every process of a fake node (raylet, agents, workers), as when a spot instance is
+    reclaimed; the autoscaler notices the missing heartbeats and terminates it."""
+    killed = 0
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+                process.kill()
+                killed += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return killed
+
+
+def run_and_lose_a_node(cluster, s3, args: list[str], run: str) -> tuple[subprocess.CompletedProcess, str]:
+    """Start a training driver, kill the node of its worker once the run registered a checkpoint in
+    the bucket; returns (the finished driver, the lost node's id)."""
+    from conftest import registered_epoch
+
+    driver = subprocess.Popen([sys.executable, "-m", "paco_ray.train", *args], env=cluster.env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: registered_epoch(s3.fs, run) >= 1 or driver.poll() is not None, 300,
+                   "a registered checkpoint", every=0.2)
+        assert driver.poll() is None, "the run ended before its node could be lost"
+        (node,) = worker_nodes_of_run(cluster)
+        assert node != FAKE_HEAD_NODE_ID and kill_node(node) > 0
+        out, err = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    return subprocess.CompletedProcess(args, driver.returncode, out, err), node
+
+
+def checkpoint_epochs(s3, run: str) -> Counter:
+    from paco_ray.storage import subdirectories
+
+    return Counter(int(p.rsplit("_", 1)[1]) for p in subdirectories(s3.fs, run) if "/checkpoint_epoch_" in p)
+
+
+def test_a_node_lost_mid_run_is_replaced_or_named_and_the_run_goes_on(autoscaling_cluster, bucket_data, s3):
+    cluster, epochs = autoscaling_cluster, 6
+    common = ["--workers", "1", "--set", f"data.path={bucket_data}", "--set", "data.loader=torch",
+              "--set", "data.batch_size=16", "--set", f"optim.epochs={epochs}", "--set", "cpus_per_worker=2",
+              "--set", "keep_checkpoints=10", "--set", f"storage_path={s3.uri('lost')}", "--set", "progress_every_s=1"]
+    # max_failures 1: the worker group restarts on a replacement node from the last checkpoint in the bucket
+    done, lost = run_and_lose_a_node(cluster, s3, [*common, "--set", "name=replaced", "--set", "max_failures=1"],
+                                     f"{s3.bucket}/lost/replaced")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    seen = checkpoint_epochs(s3, f"{s3.bucket}/lost/replaced")
+    assert set(seen) == set(range(1, epochs + 1)) and seen[1] == 1 and sum(seen.values()) - epochs <= 1, seen
+    per_node = downloads_per_node(cluster)
+    assert per_node.get(lost) == 1 and len([n for n in per_node if n not in (lost, FAKE_HEAD_NODE_ID)]) >= 1, per_node
+
+    # max_failures 0: one line names the lost node; the same command again resumes and completes
+    args = [*common, "--set", "name=named"]
+    done, lost = run_and_lose_a_node(cluster, s3, args, f"{s3.bucket}/lost/named")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: training failed (max_failures: 0): worker 0 died: its node {lost} was lost"], \
+        done.stderr[-3000:]
+    before = checkpoint_epochs(s3, f"{s3.bucket}/lost/named")
+    again = train(cluster, *args)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming at epoch" in again.stdout
+    after = checkpoint_epochs(s3, f"{s3.bucket}/lost/named")
+    assert set(after) == set(range(1, epochs + 1)) and all(after[e] == 1 for e in before), (before, after)
+
+
+def search_space(tmp_path: Path, data: str, name: str, max_t: int) -> Path:
+    import yaml
+
+    space = {
+        "base": {"data": {"path": data, "loader": "torch", "batch_size": 16}, "paco": {"queue_size": 37},
+                 "optim": {"epochs": max_t, "warmup_epochs": 0}, "progress_every_s": 0.001},
+        "search": {"optim": {"lr": {"grid": [0.02, 0.03]}}},
+        "scheduler": {"max_t": max_t, "grace_period": 1, "reduction_factor": 2},
+        "num_samples": 1, "max_concurrent_trials": 2,
+        "resources": {"workers": 1, "cpus_per_worker": 2, "trial_driver_cpus": 0.1},  # a node per trial
+        "storage_path": str(tmp_path / "runs"), "name": name,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def job(cluster, *args: str, check: bool = True) -> str:
+    """A `ray job` command against the cluster's dashboard (token auth), its output."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    done = subprocess.run([ray_bin, "job", args[0], "--address", cluster.dashboard, *args[1:]], env=cluster.env,
+                          capture_output=True, text=True, timeout=600)
+    assert not check or done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout + done.stderr
+
+
+def job_status(cluster, job_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {cluster.token}"})
+    return str(client.get_job_status(job_id).value)
+
+
+def wait_for_job(cluster, job_id: str, timeout: float = 600) -> str:
+    finished = ("SUCCEEDED", "FAILED", "STOPPED")
+    return wait_until(lambda: (lambda s: s if s in finished else None)(job_status(cluster, job_id)), timeout,
+                      f"job {job_id}", every=3)
+
+
+def tune_entrypoint(space: Path, *extra: str) -> list[str]:
+    return ["--", sys.executable, "-m", "paco_ray.tune", str(space), *extra]
+
+
+def test_a_search_submitted_as_a_ray_job_runs_on_added_nodes_and_a_stopped_one_resumes(
+        autoscaling_cluster, bucket_data, tmp_path):
+    from conftest import registered_epoch
+    from paco_ray.storage import filesystem, subdirectories
+
+    cluster = autoscaling_cluster
+    before = set(downloads_per_node(cluster))
+    space = search_space(tmp_path, bucket_data, "jobsearch", max_t=2)
+    job(cluster, "submit", "--no-wait", "--submission-id", "paco-search", *tune_entrypoint(space))
+    assert wait_for_job(cluster, "paco-search") == "SUCCEEDED", job(cluster, "logs", "paco-search")[-3000:]
+    logs = job(cluster, "logs", "paco-search")
+    assert "waiting for the autoscaler: 1 x {CPU: 2} pending" in logs
+    assert " step " in logs and "img/s" in logs and "epoch 2/2  loss" in logs and "val balanced" in logs
+    assert "best trial" in logs and (tmp_path / "runs" / "jobsearch" / "summary.txt").is_file()
+    added = set(downloads_per_node(cluster)) - before - {FAKE_HEAD_NODE_ID}
+    assert len(added) == 2, downloads_per_node(cluster)  # each trial trained on a node added for it
+
+    # a search stopped mid-way (ray job stop) leaves an experiment that --resume completes
+    space = search_space(tmp_path, bucket_data, "stopped", max_t=4)
+    job(cluster, "submit", "--no-wait", "--submission-id", "paco-stopped", *tune_entrypoint(space))
+    fs, experiment = filesystem(str(tmp_path / "runs" / "stopped"))
+    try:
+        wait_until(lambda: any(registered_epoch(fs, run) >= 1 for run in subdirectories(fs, f"{experiment}/train"))
+                   if (tmp_path / "runs" / "stopped" / "train").is_dir() else False, 400, "a trial's checkpoint")
+    except BaseException:
+        print(job(cluster, "logs", "paco-stopped", check=False)[-6000:])
+        print(sorted(str(p) for p in (tmp_path / "runs").rglob("*"))[:80])
+        raise
+    job(cluster, "stop", "paco-stopped")
+    assert wait_for_job(cluster, "paco-stopped") == "STOPPED"
+    assert not (tmp_path / "runs" / "stopped" / "summary.txt").exists()
+    job(cluster, "submit", "--no-wait", "--submission-id", "paco-resumed", *tune_entrypoint(space, "--resume"))
+    try:
+        assert wait_for_job(cluster, "paco-resumed") == "SUCCEEDED"
+    except BaseException:
+        print(job(cluster, "logs", "paco-resumed", check=False)[-6000:])
+        raise
+    rows = [json.loads(line) for f in (tmp_path / "runs" / "stopped").glob("run_trial_*/result.json")
+            for line in f.read_text().splitlines() if line.strip()]
+    assert {r["trial_id"] for r in rows} and all(
+        max(r["epoch"] for r in rows if r["trial_id"] == t) >= 1 for t in {r["trial_id"] for r in rows})
+    assert (tmp_path / "runs" / "stopped" / "summary.txt").is_file()
