@@ -5,17 +5,16 @@ its best checkpoint, and turn a failed run into one line."""
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from .capacity import Capacity, autoscaler_activity, autoscaler_report, fmt, read_capacity
 from .config import TrainConfig
 from .faults import KillPlan
 from .schema import ConfigError
 from .data.staging import STAGE_TIMEOUT_S
-from .storage import exists, filesystem, is_uri
+from .storage import is_uri
 
 # How Ray reports a worker whose process is gone (by name: some are internal to Ray Train)
 WORKER_DEATHS = ("WorkerHealthCheckFailedError", "ActorDiedError", "ActorUnavailableError", "RayActorError")
@@ -149,19 +148,20 @@ def run_trainer(loop: Callable[[dict], None], cfg: TrainConfig, *, name: str, st
         return trainer.fit()
 
 
-def result_checkpoints(result, metric: str = "val_balanced_acc") -> list[tuple[float, str]]:
-    """(metric, path) of every checkpoint a Ray Train Result still holds."""
-    return [(m.get(metric, -math.inf), c.path) for c, m in (result.best_checkpoints or [])]
+def evaluate_on_cluster(checkpoint: str, cfg: TrainConfig, splits: list[str] | None = None):
+    """``evaluate.evaluate_checkpoint`` as a Ray task with one worker's resources, so it runs on a
+    node of the run's kind (a GPU node for a GPU run) rather than in the driver, which on a
+    cluster is the CPU-only head. Returns what evaluate_checkpoint returns; its errors are raised
+    as they are."""
+    import ray
 
+    from .evaluate import evaluate_checkpoint
 
-def best_checkpoint(candidates: Iterable[tuple[float, str]], storage: str) -> str | None:
-    """The path with the highest metric among ``candidates`` that still exist under ``storage``
-    (a local path or URI), or None."""
-    fs, _ = filesystem(storage)
-    for _, path in sorted(candidates, key=lambda mp: -mp[0]):
-        if exists(fs, path):
-            return path
-    return None
+    task = ray.remote(evaluate_checkpoint).options(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)
+    try:
+        return ray.get(task.remote(checkpoint, splits))
+    except ray.exceptions.RayTaskError as err:
+        raise err.cause from None
 
 
 def failure_line(error: BaseException, cfg: TrainConfig | None = None) -> str:

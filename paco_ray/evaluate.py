@@ -197,8 +197,8 @@ def epoch_scores(storage: str) -> dict[int, float]:
 def resolve_checkpoint(path: str) -> tuple[str, Picked | None]:
     """``path`` itself when it is a checkpoint; for a run folder, its checkpoint with the highest
     recorded PICK_METRIC (from metrics.jsonl for checkpoints named by epoch, else from the
-    checkpoint itself), by the criterion the training command uses (driver.best_checkpoint)."""
-    from .driver import best_checkpoint
+    checkpoint itself), by the criterion the training command uses (best_checkpoint.best_checkpoint)."""
+    from .best_checkpoint import best_checkpoint
     from .storage import to_uri
 
     found = run_checkpoints(path)

@@ -288,14 +288,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: TrainConfig) -> int:
     """The command after its config is read: prepare the data, train on Ray, evaluate the best checkpoint."""
-    import ray.train
-
     from pipelines.default_data import with_prepared_data
 
-    from .driver import (best_checkpoint, check_fits_cluster, check_gpu_request, failure_line, result_checkpoints,
-                         start_ray)
-    from .evaluate import evaluate_checkpoint, format_table
-    from .storage import filesystem, to_uri, write_text
+    from .driver import check_fits_cluster, check_gpu_request, start_ray
+    from .evaluate import format_table
 
     started = time.perf_counter()
     cfg = with_prepared_data(cfg)  # once, here in the driver
@@ -303,23 +299,42 @@ def run(cfg: TrainConfig) -> int:
     check_gpu_request(cfg.use_gpu)
     start_ray()
     capacity = check_fits_cluster(cfg)
-    try:
-        result = fit(cfg, capacity.autoscaling)
-    except ray.train.TrainingFailedError as err:
-        print(f"error: training failed (max_failures: {cfg.max_failures}): {failure_line(err, cfg)}", file=sys.stderr)
-        bad_input = any(isinstance(e, InputError) for e in getattr(err, "worker_failures", {}).values())
-        return 2 if bad_input else 1
-    path = best_checkpoint(result_checkpoints(result), cfg.storage_path)
-    if path is None:
-        raise InputError(f"run {result.path!r} reported no checkpoint")
-    table, _ = evaluate_checkpoint(to_uri(cfg.storage_path, path))
-    write_text(*filesystem(to_uri(cfg.storage_path, f"{result.path}/{RESULTS}")),
-               to_json({"best_checkpoint": to_uri(cfg.storage_path, path), "metric": "val_balanced_acc", "splits": table}))
+    code, table, path = train_and_evaluate(cfg, capacity.autoscaling)
+    if code:
+        return code
     print(f"\n{cfg.run_name}: loss={cfg.loss}, {cfg.optim.epochs} epochs, {cfg.workers} workers, "
           f"{time.perf_counter() - started:.0f} s")
     print(f"best checkpoint (val balanced accuracy): {path}")
     print(format_table(table))
     return 0
+
+
+def train_and_evaluate(cfg: TrainConfig, autoscaling: bool = False) -> tuple[int, dict | None, str | None]:
+    """Fit ``cfg`` on Ray, pick its best checkpoint by validation balanced accuracy, evaluate it on
+    the validation and test splits on a node of the run's kind, and write the run folder's
+    results.json: (exit code, the table, the checkpoint). A failed run prints one line and gives
+    1, or 2 when a worker refused its input (a checkpoint trained with other settings, bad data)."""
+    import ray.train
+
+    from .checkpoint import CheckpointError
+    from .best_checkpoint import best_checkpoint, result_checkpoints
+    from .driver import evaluate_on_cluster, failure_line
+    from .storage import filesystem, to_uri, write_text
+
+    try:
+        result = fit(cfg, autoscaling)
+    except ray.train.TrainingFailedError as err:
+        print(f"error: training failed (max_failures: {cfg.max_failures}): {failure_line(err, cfg)}", file=sys.stderr)
+        bad_input = any(isinstance(e, InputError) for e in getattr(err, "worker_failures", {}).values())
+        return (2 if bad_input else 1), None, None
+    path = best_checkpoint(result_checkpoints(result), cfg.storage_path)
+    if path is None:
+        raise CheckpointError(f"run {result.path!r} reported no checkpoint")
+    uri = to_uri(cfg.storage_path, path)
+    table, _ = evaluate_on_cluster(uri, cfg)
+    write_text(*filesystem(to_uri(cfg.storage_path, f"{result.path}/{RESULTS}")),
+               to_json({"best_checkpoint": uri, "metric": "val_balanced_acc", "splits": table}))
+    return 0, table, uri
 
 
 if __name__ == "__main__":
