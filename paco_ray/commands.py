@@ -115,5 +115,12 @@ def tune_parser(prog: str = "paco-tune") -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="check the space and its data, print the trials "
                         "and resources, run nothing")
     parser.add_argument("--then-train", action="store_true",
-                        help="retrain the best config to the full epoch budget on the whole cluster")
+                        help="retrain best_config.yaml as exported (the trials' workers, batch and lr) to the full "
+                             "epoch budget, into <experiment>/retrain/")
+    parser.add_argument("--scale-to-cluster", action="store_true",
+                        help="with --then-train: retrain on every worker the cluster can hold instead, keeping the "
+                             "per-worker batch and scaling lr with the global batch (this changes the steps per "
+                             "epoch, the key encoder's pace and the queue's turnover that were tuned)")
+    parser.add_argument("--retry-errored", action="store_true",
+                        help="with --resume: also continue trials that errored (by default they stay errored)")
     return parser

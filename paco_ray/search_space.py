@@ -38,7 +38,10 @@ PRIMITIVES = {"uniform": 2, "quniform": 3, "loguniform": 2, "qloguniform": 3,
 INTEGER_PRIMITIVES = ("randint", "qrandint", "lograndint", "choice", "grid")
 METRICS = ("val_balanced_acc", "val_top1", "val_top5", "val_many", "val_medium", "val_few")
 TOP_LEVEL = ["base", "search", "scheduler", "num_samples", "max_concurrent_trials", "resources",
-             "checkpoints", "storage_path", "name", "search_seed"]
+             "checkpoints", "storage_path", "name", "search_seed", "search_alg", "tpe_startup_trials"]
+SEARCH_ALGS = ("random", "optuna")  # Tune's BasicVariantGenerator (random and grid) | Optuna's TPE
+# What --resume may change: how many trials run at once and on what (the cluster may have changed)
+RESUME_MAY_CHANGE = ("max_concurrent_trials", "resources")
 # Keys the search file sets in its own sections, not in base: or search:
 MANAGED = {"workers": "resources.workers", "cpus_per_worker": "resources.cpus_per_worker",
            "use_gpu": "resources.use_gpu", "storage_path": "storage_path", "name": "name",
@@ -90,6 +93,8 @@ class SearchSpace:
     storage_path: str = "runs/tune"
     name: str = ""
     search_seed: int = 0
+    search_alg: str = "random"
+    tpe_startup_trials: int = 10  # search_alg optuna: trials TPE samples at random before it models results
 
     @property
     def experiment_path(self) -> str:
@@ -122,7 +127,12 @@ class SearchSpace:
                 "num_samples": self.num_samples, "max_concurrent_trials": self.max_concurrent_trials,
                 "resources": dataclasses.asdict(self.resources),
                 "checkpoints": dataclasses.asdict(self.checkpoints), "storage_path": self.storage_path,
-                "name": self.name, "search_seed": self.search_seed}
+                "name": self.name, "search_seed": self.search_seed, "search_alg": self.search_alg,
+                "tpe_startup_trials": self.tpe_startup_trials}
+
+    def trial_count(self) -> int:
+        """How many trials the search generates: ``num_samples`` times every grid's size."""
+        return self.num_samples * math.prod(len(args) for primitive, args in self.search.values() if primitive == "grid")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -193,6 +203,8 @@ def parse(raw: Any, source: str = "search space") -> SearchSpace:
         storage_path=absolute_storage(storage_path) if storage_path else "",
         name=coerce(raw.get("name", ""), str, "name"),
         search_seed=coerce(raw.get("search_seed", 0), int, "search_seed"),
+        search_alg=coerce(raw.get("search_alg", "random"), str, "search_alg"),
+        tpe_startup_trials=coerce(raw.get("tpe_startup_trials", 10), int, "tpe_startup_trials"),
     )
     _validate(space, base_cfg)
     return space
@@ -271,6 +283,14 @@ def _validate(space: SearchSpace, base_cfg: TrainConfig) -> None:
         raise ConfigError(f"scheduler.reduction_factor: must be > 1, got {s.reduction_factor:g}")
     if space.num_samples < 1:
         raise ConfigError(f"num_samples: must be >= 1, got {space.num_samples}")
+    if space.search_alg not in SEARCH_ALGS:
+        raise ConfigError(f"search_alg: must be one of {', '.join(SEARCH_ALGS)}, got {space.search_alg!r}")
+    if space.tpe_startup_trials < 1:
+        raise ConfigError(f"tpe_startup_trials: must be >= 1, got {space.tpe_startup_trials}")
+    grids = [key for key, (primitive, _) in space.search.items() if primitive == "grid"]
+    if space.search_alg == "optuna" and grids:
+        raise ConfigError(f"search.{grids[0]}: grid is not a distribution TPE samples (search_alg: optuna); "
+                          "use choice, or search_alg: random")
     if space.max_concurrent_trials < 0:
         raise ConfigError(f"max_concurrent_trials: must be >= 0 (0: as many as fit), got {space.max_concurrent_trials}")
     if r.workers < 1:
@@ -355,7 +375,14 @@ def param_space(space: SearchSpace) -> dict[str, Any]:
 
 
 def resolve_trials(space: SearchSpace) -> list[dict[str, Any]]:
-    """The trial configs Tune's BasicVariantGenerator will create with ``search_seed`` (no Ray cluster)."""
+    """The trial configs the search will create with ``search_seed`` (no Ray cluster): all of
+    them for random and grid search; for TPE the first ones, sampled before any result."""
+    if space.search_alg == "optuna":
+        from .search_algorithms import searcher
+
+        tpe = searcher("optuna", space.search_seed, space.num_samples, space.tpe_startup_trials)
+        tpe.set_search_properties(space.scheduler.metric, "max", param_space(space))
+        return [tpe.suggest(f"dry-run-{i}") for i in range(min(space.num_samples, space.tpe_startup_trials))]
     from ray.tune.search.sample import _BackwardsCompatibleNumpyRng
     from ray.tune.search.variant_generator import generate_variants
 

@@ -124,3 +124,28 @@ class TensorBoard:
         self.events.close()
         if not self.local:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def write_hparams(filesystem, path: str, sessions: list[tuple[str, dict[str, Any], dict[str, float]]]) -> None:
+    """TensorBoard HParams for a search: under ``path``, one folder per session (trial) with its
+    hyperparameters (scalars: numbers, strings, booleans) and final metrics, so TensorBoard's
+    HParams view compares the trials (``tensorboard --logdir <experiment>/hparams``)."""
+    from tensorboardX import summary
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event
+
+    local = path if is_local(filesystem) else tempfile.mkdtemp(prefix="paco_hparams_")
+    for name, hparams, metrics in sessions:
+        folder = os.path.join(local, name)
+        os.makedirs(folder, exist_ok=True)
+        events = EventsWriter(os.path.join(folder, "events"))
+        values = {k: v for k, v in hparams.items() if isinstance(v, (bool, int, float, str))}
+        finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        for part in summary.hparams(values, finite):
+            events.write_event(Event(wall_time=time.time(), summary=part))
+        for key, value in finite.items():
+            events.write_event(Event(wall_time=time.time(), step=0, summary=summary.scalar(key, value)))
+        events.close()
+    if not is_local(filesystem):
+        copy_dir(local, path, destination_fs=filesystem)
+        shutil.rmtree(local, ignore_errors=True)

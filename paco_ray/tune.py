@@ -20,29 +20,32 @@ if __name__ == "__main__":  # the command's options first: --help answers before
     from paco_ray.commands import tune_parser
     tune_parser().parse_args()
 
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path
+from pathlib import Path  # noqa: E402
 from typing import Any
 
 import yaml
 
-from .checkpoint import CheckpointError
+from .capacity import Capacity, fmt
 from .commands import tune_parser
 from .config import TrainConfig
 from .data.prepared import DatasetError
 from .data.staging import check_dataset
-from .capacity import Capacity, fmt
-from .driver import best_checkpoint, environ
+from .driver import environ
 from .errors import InputError
-from .evaluate import evaluate_checkpoint, format_table
+from .evaluate import format_table
 from .schema import ConfigError, flatten, set_dotted
+from .search_results import (TrialSummary, best_trial, format_trials, prune_checkpoints, saved_statuses, summarize,
+                             unfinished_trials)
+from .search_results import fmt as fmt_value
+from .search_space import RESUME_MAY_CHANGE, SearchSpace, load_space, param_space, parse, resolve_trials
 from .session import trial_run_name
-from .search_space import SearchSpace, load_space, param_space, parse, resolve_trials, upgrade_space
-from .storage import exists, filesystem, read_text, subdirectories, to_uri, write_text
+from .storage import exists, filesystem, read_text, to_uri, write_text
 
 SNAPSHOT = "search_space.yaml"
 BEST_CONFIG = "best_config.yaml"
 SUMMARY = "summary.txt"
+RETRAIN = "retrain"  # the retrained best config's run folder, inside the experiment folder
+HPARAMS = "hparams"  # TensorBoard HParams of the trials, inside the experiment folder
 
 # ----------------------------------------------------------------------------- the trainable
 
@@ -135,103 +138,28 @@ def scale_to_cluster(cfg: TrainConfig, capacity: Capacity) -> TrainConfig:
 # ----------------------------------------------------------------------------- results
 
 
-@dataclass
-class TrialSummary:
-    trial_id: str
-    config: dict[str, Any]     # the sampled values, dotted keys
-    epochs: int
-    best: float                # best validation metric over the trial's epochs (nan: none)
-    status: str                # "completed" | "stopped early" | "error"
-    checkpoints: list[tuple[float, str]]  # (metric, path) of every reported checkpoint, best first
+def evaluate_test(space: SearchSpace, best: TrialSummary, path: str) -> dict[str, dict] | None:
+    """The best checkpoint (a path in the experiment's storage) on the test split, on a node of
+    the trials' kind (None when the dataset has no test split)."""
+    from .driver import evaluate_on_cluster
 
-
-def summarize(results, space: SearchSpace) -> list[TrialSummary]:
-    """One row per trial from a Tune ResultGrid, best trial first."""
-    metric, rows = space.scheduler.metric, []
-    for result in results:
-        frame = result.metrics_dataframe
-        records = [] if frame is None else frame.to_dict("records")
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-        epochs = int(max((r.get("epoch", 0) for r in records), default=0))
-        scores = [r[metric] for r in records if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
-        checkpoints = sorted(((r[metric], r["checkpoint_path"]) for r in records
-                              if isinstance(r.get("checkpoint_path"), str)), key=lambda mp: -mp[0])
-        if result.error is not None:
-            status = "error"
-        elif epochs < space.scheduler.max_t:
-            status = "stopped early"
-        else:
-            status = "completed"
-        rows.append(TrialSummary(trial_id, flatten(result.config or {}), epochs, max(scores, default=math.nan),
-                                 status, checkpoints))
-    rows.sort(key=lambda t: -t.best if math.isfinite(t.best) else math.inf)
-    return rows
-
-
-def format_trials(rows: list[TrialSummary], space: SearchSpace) -> str:
-    keys = list(space.search)
-    widths = [max(len(k), 10) for k in keys]
-    header = f"{'trial':<14}" + "".join(f"{k:>{w + 2}}" for k, w in zip(keys, widths)) + \
-        f"{'epochs':>8}{space.scheduler.metric:>18}  status"
-    lines = [header]
-    for t in rows:
-        cells = "".join(f"{_fmt(t.config.get(k)):>{w + 2}}" for k, w in zip(keys, widths))
-        best = "-" if math.isnan(t.best) else f"{t.best:.2f}"
-        lines.append(f"{t.trial_id:<14}{cells}{t.epochs:>8}{best:>18}  {t.status}")
-    return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "-" if value is None else str(value)
-
-
-def prune_checkpoints(rows: list[TrialSummary], space: SearchSpace) -> tuple[int, int]:
-    """Apply the checkpoint policy: the best ``keep_per_trial`` checkpoints of the best
-    ``keep_trials`` trials survive; every other checkpoint directory is deleted, except those of
-    errored trials (``--resume`` retries them from their last checkpoint). Returns (kept, deleted)."""
-    fs, root = filesystem(space.experiment_path)
-    kept = deleted = 0
-    ranked = [t for t in rows if math.isfinite(t.best)]
-    survivors = {t.trial_id for t in ranked[:space.checkpoints.keep_trials]}
-    for t in rows:
-        keep: set[str] = set()
-        if t.trial_id in survivors:
-            present = [p for _, p in t.checkpoints if exists(fs, p)]
-            keep = set(present[:space.checkpoints.keep_per_trial])
-        run_dir = trial_run_name(root, t.trial_id)
-        if t.status == "error" or not exists(fs, run_dir):
-            continue
-        for path in subdirectories(fs, run_dir):
-            if not path.rsplit("/", 1)[-1].startswith("checkpoint_"):
-                continue
-            if path in keep:
-                kept += 1
-            else:
-                fs.delete_dir(path)
-                deleted += 1
-    return kept, deleted
-
-
-def best_trial(rows: list[TrialSummary], space: SearchSpace) -> tuple[TrialSummary, str | None]:
-    """The best trial and its best checkpoint still stored (None: none left)."""
-    best = next((t for t in rows if math.isfinite(t.best)), None)
-    if best is None:
-        raise CheckpointError(f"{space.experiment_path}: no trial reported {space.scheduler.metric}")
-    return best, best_checkpoint(best.checkpoints, space.experiment_path)
-
-
-def evaluate_test(space: SearchSpace, path: str) -> dict[str, dict] | None:
-    """The best checkpoint (a path in the experiment's storage) on the test split (None when the
-    dataset has no test split)."""
     try:
-        results, _ = evaluate_checkpoint(to_uri(space.storage_path, path), ["test"])
+        results, _ = evaluate_on_cluster(to_uri(space.storage_path, path), space.trial_config(best.config), ["test"])
     except DatasetError as err:
         if "has no test split" not in str(err):
             raise
         return None
     return results
+
+
+def write_hparams(space: SearchSpace, rows: list[TrialSummary]) -> None:
+    """TensorBoard HParams of the trials: sampled values against their final metrics."""
+    from .telemetry import write_hparams as write
+
+    metric = space.scheduler.metric
+    write(*filesystem(f"{space.experiment_path}/{HPARAMS}"),
+          [(t.trial_id, t.config, {metric: t.best, "epochs": t.epochs, "best_epoch": t.best_epoch,
+                                   "completed": float(t.status == "completed")}) for t in rows])
 
 
 # ----------------------------------------------------------------------------- the command
@@ -250,13 +178,15 @@ def describe(space: SearchSpace, trials: list[dict[str, Any]]) -> str:
         f"checkpoints  best {space.checkpoints.keep_per_trial} per trial, of the best "
         f"{space.checkpoints.keep_trials} trials",
         f"full budget  {space.base_epochs} epochs (--then-train)",
-        f"{len(trials)} trials (search_seed={space.search_seed}):",
+        f"{len(trials)} trials (search_seed={space.search_seed}):" if space.search_alg == "random" else
+        f"{space.num_samples} trials by TPE (search_seed={space.search_seed}); the first {len(trials)}, sampled before "
+        "any result, are:",
     ]
     keys = list(space.search)
     lines.append("  #  " + "".join(f"{k:>22}" for k in keys))
     for i, trial in enumerate(trials):
         flat = flatten(trial)
-        lines.append(f"{i:>3}  " + "".join(f"{_fmt(flat.get(k)):>22}" for k in keys))
+        lines.append(f"{i:>3}  " + "".join(f"{fmt_value(flat.get(k)):>22}" for k in keys))
     return "\n".join(lines)
 
 
@@ -272,7 +202,8 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
 
 def open_experiment(space: SearchSpace, resume: bool):
     """(filesystem, path) of the experiment folder: a new one, or (``--resume``) one started with
-    these very settings."""
+    the same search; only what RESUME_MAY_CHANGE names (how many trials at once, and on what
+    resources) may differ, each change said in one line."""
     fs, exp_path = filesystem(space.experiment_path)
     snapshot = f"{exp_path}/{SNAPSHOT}"
     if not resume:
@@ -284,12 +215,20 @@ def open_experiment(space: SearchSpace, resume: bool):
         raise ConfigError(f"--resume: no experiment at {space.experiment_path} (nothing to resume)")
     try:
         stored = yaml.safe_load(read_text(fs, snapshot))
+        stored = parse(stored, snapshot).to_dict()
     except yaml.YAMLError:
         raise ConfigError(f"--resume: {space.experiment_path}/{SNAPSHOT} is not valid YAML") from None
-    differs = _first_difference(upgrade_space(stored)[0] if isinstance(stored, dict) else stored, space.to_dict())
+    mine = space.to_dict()
+    differs = _first_difference({k: v for k, v in stored.items() if k not in RESUME_MAY_CHANGE},
+                                {k: v for k, v in mine.items() if k not in RESUME_MAY_CHANGE})
     if differs:
         raise ConfigError(f"--resume: {differs} differs from the experiment's {SNAPSHOT}; "
                           "resume with the settings it started with")
+    for key in RESUME_MAY_CHANGE:
+        changed = _first_difference(stored[key], mine[key], f"{key}.")
+        if changed:
+            print(f"resuming with {key} {fmt_value(mine[key])} (the experiment started with "
+                  f"{fmt_value(stored[key])})", file=sys.stderr)
     return fs, exp_path
 
 
@@ -312,35 +251,41 @@ def with_prepared_data(space: SearchSpace) -> SearchSpace:
     return dataclasses.replace(space, base=base)
 
 
-def build_tuner(space: SearchSpace, resume: bool, max_concurrent: int, autoscaling: bool = False):
-    """A new Tuner over the space's trials, or the interrupted experiment restored."""
+def build_tuner(space: SearchSpace, resume: bool, max_concurrent: int, autoscaling: bool = False,
+                retry_errored: bool = False):
+    """A new Tuner over the space's trials, or the interrupted experiment restored: unfinished
+    trials continue from their own checkpoints, errored ones only with ``retry_errored``, and at
+    most ``max_concurrent`` trials run at once (computed anew on resume)."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from .search_algorithms import ResumableASHA, searcher, set_concurrency
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, space=space.to_dict(), autoscaling=autoscaling),
                                     space.resources.trial_driver())
     if resume:
         if not tune.Tuner.can_restore(space.experiment_path):
             raise ConfigError(f"--resume: {space.experiment_path} holds no Tune experiment state")
-        return tune.Tuner.restore(space.experiment_path, trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True)
+        tuner = tune.Tuner.restore(space.experiment_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=retry_errored)
+        set_concurrency(tuner._local_tuner._tune_config.search_alg, max_concurrent)  # Tune has no public handle
+        return tuner
     s = space.scheduler
     return tune.Tuner(
         trainable, param_space=param_space(space),
         tune_config=tune.TuneConfig(
             metric=s.metric, mode="max", num_samples=space.num_samples,
-            search_alg=BasicVariantGenerator(random_state=space.search_seed, max_concurrent=max_concurrent),
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=s.max_t, grace_period=s.grace_period,
-                                    reduction_factor=s.reduction_factor)),
+            search_alg=searcher(space.search_alg, space.search_seed, max_concurrent, space.tpe_startup_trials),
+            scheduler=ResumableASHA(space.experiment_path, time_attr="epoch", max_t=s.max_t,
+                                    grace_period=s.grace_period, reduction_factor=s.reduction_factor)),
         run_config=tune.RunConfig(name=space.name, storage_path=space.storage_path, verbose=1,
                                   callbacks=[CSVLoggerCallback(), JsonLoggerCallback()]))
 
 
-def report_results(rows: list[TrialSummary], space: SearchSpace, elapsed: float) -> tuple[str, TrainConfig]:
-    """Prune checkpoints, write the best config and the summary into the experiment folder and
-    evaluate the best checkpoint on the test split; returns (summary text, best config)."""
+def report_results(rows: list[TrialSummary], space: SearchSpace, elapsed: float) -> tuple[list[str], TrainConfig]:
+    """Prune checkpoints, write the best config, the trials' TensorBoard HParams and the summary
+    into the experiment folder, evaluate the best checkpoint on the test split; returns (the
+    summary's lines, the best config)."""
     fs, exp_path = filesystem(space.experiment_path)
     kept, deleted = prune_checkpoints(rows, space)
     run_epochs = sum(t.epochs for t in rows)
@@ -350,57 +295,60 @@ def report_results(rows: list[TrialSummary], space: SearchSpace, elapsed: float)
               f"by ASHA; {run_epochs} trial-epochs of the {budget} that running every trial to max_t would take "
               f"({100 * (1 - run_epochs / max(budget, 1)):.0f}% saved)",
               f"checkpoints: kept {kept}, deleted {deleted} (best {space.checkpoints.keep_per_trial} of the best "
-              f"{space.checkpoints.keep_trials} trials)"]
+              f"{space.checkpoints.keep_trials} trials without an error)"]
     best, path = best_trial(rows, space)
     best_cfg = dataclasses.replace(space.trial_config(best.config, epochs=space.base_epochs),
-                                   storage_path=space.storage_path, name=f"{space.name}-best")
+                                   storage_path=space.experiment_path, name=RETRAIN)
     write_text(fs, f"{exp_path}/{BEST_CONFIG}", yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
-    report += [f"best trial {best.trial_id}: {space.scheduler.metric} {best.best:.2f} with "
-               + ", ".join(f"{k}={_fmt(v)}" for k, v in best.config.items()),
+    write_hparams(space, rows)
+    report += [f"best trial {best.trial_id}: {space.scheduler.metric} {best.best:.2f} at epoch {best.best_epoch} "
+               "with " + ", ".join(f"{k}={fmt_value(v)}" for k, v in best.config.items())
+               + " (ties: fewer epochs, then the earlier trial; errored trials are never selected)",
                f"best config ({space.base_epochs} epochs): {space.experiment_path}/{BEST_CONFIG}",
                f"best checkpoint: {path}"]
     if path is not None:
-        test = evaluate_test(space, path)
+        test = evaluate_test(space, best, path)
         report.append("test split of the best checkpoint:" if test else "the dataset has no test split")
         if test:
             report.append(format_table(test))
-    text = "\n".join(report)
-    write_text(fs, f"{exp_path}/{SUMMARY}", text + "\n")
-    return text, best_cfg
+    report.append(f"TensorBoard HParams of the trials: tensorboard --logdir {space.experiment_path}/{HPARAMS}")
+    write_text(fs, f"{exp_path}/{SUMMARY}", "\n".join(report) + "\n")
+    return report, best_cfg
 
 
-def retrain_best(best_cfg: TrainConfig, capacity: Capacity) -> int:
-    """``--then-train``: the best config to its full budget on every worker the cluster holds."""
-    import ray.train
+def retrain_best(best_cfg: TrainConfig, space: SearchSpace, report: list[str], scale: bool) -> int:
+    """``--then-train``: the exported best config as it is (its full epoch budget), or with
+    ``scale`` on every worker the cluster can hold; its config, results and table go to
+    ``<experiment>/retrain/`` and into summary.txt."""
+    from .capacity import read_capacity
+    from .train import train_and_evaluate
 
-    from .driver import failure_line, result_checkpoints
-    from .train import fit
-
-    cfg = scale_to_cluster(best_cfg, capacity)
-    print(f"\nretraining the best config for {cfg.optim.epochs} epochs on {cfg.workers} workers "
-          f"(global batch {cfg.data.batch_size}, lr {cfg.optim.lr:g})", flush=True)
-    try:
-        result = fit(cfg, capacity.autoscaling)
-    except ray.train.TrainingFailedError as err:
-        print(f"error: retraining failed: {failure_line(err, cfg)}", file=sys.stderr)
-        return 1
-    final = best_checkpoint(result_checkpoints(result), cfg.storage_path)
-    if final is None:
-        raise CheckpointError(f"run {result.path!r} reported no checkpoint")
-    table, _ = evaluate_checkpoint(to_uri(cfg.storage_path, final))
-    print(f"retrained: {final}\n{format_table(table)}")
-    return 0
-
-
-def unfinished_trials(results, space: SearchSpace) -> int:
-    """Trials that neither finished nor failed: still running when the search was interrupted, or
-    never started (a best config from such a search would come from a smaller budget)."""
-    return max(0, space.num_samples - results.num_terminated - results.num_errors)
+    capacity = read_capacity()
+    cfg = scale_to_cluster(best_cfg, capacity) if scale else best_cfg
+    how = (f"scaled to the cluster: {best_cfg.workers} -> {cfg.workers} workers, global batch "
+           f"{best_cfg.data.batch_size} -> {cfg.data.batch_size}, lr {best_cfg.optim.lr:g} -> {cfg.optim.lr:g}; the "
+           "steps per epoch, the key encoder's pace and the queue's turnover change with them" if scale else
+           f"as exported ({cfg.workers} worker{'s' if cfg.workers != 1 else ''}, global batch {cfg.data.batch_size}, "
+           f"lr {cfg.optim.lr:g})")
+    print(f"\nretraining {BEST_CONFIG} for {cfg.optim.epochs} epochs, {how}", flush=True)
+    code, table, final = train_and_evaluate(cfg, capacity.autoscaling)
+    run_folder = f"{space.experiment_path}/{RETRAIN}"
+    lines = [f"retrained {BEST_CONFIG} for {cfg.optim.epochs} epochs, {how}: {run_folder}"]
+    if code == 0:
+        lines += [f"retrained best checkpoint: {final}", format_table(table)]
+        print("\n".join(lines[1:]))
+    else:
+        lines.append(f"retraining failed (exit {code}); {run_folder} holds what it wrote")
+    fs, exp_path = filesystem(space.experiment_path)
+    write_text(fs, f"{exp_path}/{SUMMARY}", "\n".join(report + [""] + lines) + "\n")
+    return code
 
 
-def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
-    """The search, step by step: open (or resume) the experiment, prepare the data, fit the Tuner,
-    summarise and prune, and optionally retrain the best config."""
+def run(space: SearchSpace, resume: bool, then_train: bool, retry_errored: bool = False,
+        scale: bool = False) -> int:
+    """The search, step by step: open (or resume) the experiment, prepare the data, size the
+    search from the cluster's capacity, fit the Tuner, summarise and prune, and optionally retrain
+    the best config."""
     from .capacity import read_capacity
     from .driver import check_gpu_request, start_ray
 
@@ -409,21 +357,21 @@ def run(space: SearchSpace, resume: bool, then_train: bool) -> int:
     check_gpu_request(space.full_config().use_gpu)
     start_ray()
     capacity = read_capacity()
-    max_concurrent = concurrency(space, capacity, len(resolve_trials(space)))
-    tuner = build_tuner(space, resume, max_concurrent, capacity.autoscaling)
+    max_concurrent = concurrency(space, capacity, space.trial_count())
+    tuner = build_tuner(space, resume, max_concurrent, capacity.autoscaling, retry_errored)
     if not resume:
         write_text(fs, f"{exp_path}/{SNAPSHOT}", yaml.safe_dump(declared, sort_keys=False))
     started = time.perf_counter()
     with environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):  # TensorBoard comes from the trials' own writer
         results = tuner.fit()
-    unfinished = unfinished_trials(results, space)
+    unfinished = unfinished_trials(saved_statuses(space), space)
     if unfinished:  # interrupted (Ctrl-C): keep every checkpoint for --resume
         print(f"error: interrupted with {unfinished} unfinished trials; continue with --resume", file=sys.stderr)
         return 1
     rows = summarize(results, space)
-    text, best_cfg = report_results(rows, space, time.perf_counter() - started)
-    print("\n" + text)
-    if then_train and (code := retrain_best(best_cfg, read_capacity())):
+    report, best_cfg = report_results(rows, space, time.perf_counter() - started)
+    print("\n" + "\n".join(report))
+    if then_train and (code := retrain_best(best_cfg, space, report, scale)):
         return code
     return 1 if all(t.status == "error" for t in rows) else 0
 
@@ -436,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(space, resolve_trials(space)), flush=True)
             check_space_data(space)
             return 0
-        return run(space, args.resume, args.then_train)
+        if args.scale_to_cluster and not args.then_train:
+            raise ConfigError("--scale-to-cluster: scales the retraining; give it with --then-train")
+        return run(space, args.resume, args.then_train, args.retry_errored, args.scale_to_cluster)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -11,7 +11,8 @@ from paco_ray.config import ConfigError
 from paco_ray.data.augment import view_names
 from paco_ray.search_space import load_space, parse, resolve_trials
 from paco_ray.capacity import Capacity, present
-from paco_ray.tune import TrialSummary, concurrency, prune_checkpoints, scale_to_cluster, unfinished_trials
+from paco_ray.search_results import TrialSummary, prune_checkpoints, unfinished_trials
+from paco_ray.tune import concurrency, scale_to_cluster
 
 SPACES = sorted(Path(__file__).parent.parent.joinpath("search_spaces").glob("*.yaml"))
 MINIMAL = {
@@ -225,9 +226,8 @@ def test_pruning_keeps_the_best_checkpoints_of_the_best_trials(where, tmp_path, 
 
 
 def test_an_interrupted_search_counts_its_never_started_trials_as_unfinished():
-    from types import SimpleNamespace
 
     space = parse({**copy.deepcopy(MINIMAL), "num_samples": 6})
-    stopped = SimpleNamespace(num_terminated=2, num_errors=2)  # 2 running trials ended as errors, 2 never began
-    assert unfinished_trials(stopped, space) == 2
-    assert unfinished_trials(SimpleNamespace(num_terminated=5, num_errors=1), space) == 0
+    saved = ["TERMINATED", "TERMINATED", "ERROR", "RUNNING"]  # 1 running, 2 never began
+    assert unfinished_trials(saved, space) == 3
+    assert unfinished_trials(["TERMINATED"] * 5 + ["ERROR"], space) == 0
