@@ -59,6 +59,7 @@ def make_step(loss, backbone, channels, size, classes, batch, proj_dim, queue, d
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()
+        model.end_step(out, labels)  # the momentum update and the enqueue (PaCo, GPaCo)
 
     def key_forward():
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):

@@ -35,8 +35,8 @@ class DataConfig:
     augment: str = "small"  # small: pad-crop + flip | imagenet: resized crop + flip, colour on the key view
     image_size: int = 0  # training crop size; 0: the stored size (small family only)
     crop_padding: int = 2
-    query_view: str = ""  # a recipe of paco_ray.data.augment.VIEWS; empty: randaugment if randaugment_ops else crop_flip
-    key_view: str = ""  # empty: sim for the imagenet family, crop_flip for small
+    query_view: str = "crop_flip"  # a recipe of paco_ray.data.augment.VIEWS; "": 0.1's choice (randaugment if randaugment_ops)
+    key_view: str = "crop_flip"  # "": 0.1's choice (sim for the imagenet family, crop_flip for small)
     randaugment_ops: int = 0  # timm RandAugment n (views randaugment, randcls); 0 = off
     randaugment_magnitude: int = 10  # m on timm's 0-10 scale (10: shear 0.3, rotate 30 degrees)
     randaugment_std: float = 0.5  # Gaussian noise on m per op (timm's mstd)
@@ -58,8 +58,10 @@ class DefaultDataConfig:
 class ModelConfig:
     backbone: str = "resnet_small28"
     proj_dim: int = 64
-    projector: str = "mlp"  # mlp: Linear-ReLU-Linear | mlp_bn: Linear-BN-ReLU-Linear (the official head)
+    projector: str = ""  # model.PROJECTORS: mlp | mlp_bn | gpaco_mlp; empty: the loss's published head (PUBLISHED_HEADS)
     pretrained: str = ""  # weights file (.pth or .safetensors; path or URI) loaded into the backbone, classifier excluded
+    trainable: str = "all"  # model.TRAINABLE: all | last_block (the official Places-LT fine-tuning: convolutions
+    #                         of the query encoder frozen but its last residual block's; BN, projector, classifier train)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class PaCoConfig:
     queue_size: int = 1024
     momentum: float = 0.99  # key-encoder EMA
     shuffle_keys: bool = False  # MoCo's shuffle BN: the key encoder's batch mixed across DDP ranks
+    smooth: float = 0.0  # label smoothing of the center positives (the official loss's ``smooth``)
 
 
 @dataclass
@@ -81,6 +84,9 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     warmup_epochs: int = 1
+    schedule: str = "cosine"  # optim.SCHEDULES: cosine (after the warmup) | step (the official CIFAR schedule)
+    milestones: list[int] = field(default_factory=lambda: [320, 360])  # schedule step: epochs after which lr x gamma
+    gamma: float = 0.1
 
 
 @dataclass
@@ -217,7 +223,7 @@ def _validate_data(cfg: TrainConfig) -> None:
 
 
 def _validate_model_and_optim(cfg: TrainConfig) -> None:
-    from .backbones import BACKBONES, TIMM_PREFIX, TORCHVISION_BACKBONES, timm_model_exists
+    from .backbones import BACKBONES, TIMM_PREFIX, timm_model_exists
 
     m = cfg.model
     timm_name = m.backbone[len(TIMM_PREFIX):] if m.backbone.startswith(TIMM_PREFIX) else None
@@ -226,9 +232,13 @@ def _validate_model_and_optim(cfg: TrainConfig) -> None:
     _check(timm_name is None or timm_model_exists(timm_name), "model.backbone",
            "names no timm model (timm.list_models() lists them)", m.backbone)
     _check(m.proj_dim >= 1, "model.proj_dim", "must be >= 1", m.proj_dim)
-    _check(m.projector in ("mlp", "mlp_bn"), "model.projector", "must be mlp or mlp_bn", m.projector)
-    _check(not m.pretrained or m.backbone in TORCHVISION_BACKBONES or timm_name is not None, "model.pretrained",
-           f"needs a torchvision backbone ({', '.join(TORCHVISION_BACKBONES)}) or a timm one", m.pretrained)
+    from .model import PROJECTORS, TRAINABLE
+
+    _check(m.projector in ("", *PROJECTORS), "model.projector", f"must be one of {', '.join(PROJECTORS)}",
+           m.projector)
+    _check(m.trainable in TRAINABLE, "model.trainable", f"must be one of {', '.join(TRAINABLE)}", m.trainable)
+    _check(m.trainable == "all" or timm_name is None, "model.trainable",
+           "last_block needs a ResNet backbone of paco_ray or torchvision (not timm:)", m.trainable)
     check_no_credentials("model.pretrained", m.pretrained)
 
     p = cfg.paco
@@ -239,6 +249,7 @@ def _validate_model_and_optim(cfg: TrainConfig) -> None:
     _check(p.temperature > 0, "paco.temperature", "must be > 0", p.temperature)
     _check(p.queue_size >= 1, "paco.queue_size", "must be >= 1", p.queue_size)
     _check(0 <= p.momentum < 1, "paco.momentum", "must be in [0, 1)", p.momentum)
+    _check(0 <= p.smooth < 1, "paco.smooth", "must be in [0, 1)", p.smooth)
 
     o = cfg.optim
     _check(o.epochs >= 1, "optim.epochs", "must be >= 1", o.epochs)
@@ -248,6 +259,12 @@ def _validate_model_and_optim(cfg: TrainConfig) -> None:
     _check(o.momentum > 0 or not o.nesterov, "optim.nesterov", "needs optim.momentum > 0", o.nesterov)
     _check(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", "must be in [0, optim.epochs)",
            o.warmup_epochs)
+    from .optim import SCHEDULES
+
+    _check(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {', '.join(SCHEDULES)}", o.schedule)
+    _check(list(o.milestones) == sorted(set(o.milestones)) and all(m >= 0 for m in o.milestones), "optim.milestones",
+           "must be increasing epochs >= 0", o.milestones)
+    _check(0 < o.gamma <= 1, "optim.gamma", "must be in (0, 1]", o.gamma)
 
 
 # What may change between a checkpoint and the run that resumes from it: resources, I/O, logging.

@@ -1,7 +1,8 @@
-"""PaCo loss and the baselines it is compared with, and ``compute_loss``, the choice among them.
+"""PaCo and GPaCo losses and the baselines they are compared with, and ``compute_loss``, the choice
+among them (``LOSSES``: the one list of loss names; adding a loss is an entry here and its test).
 
-The losses take the classifier's center logits (B, C); Balanced Softmax and PaCo add the log class
-prior (C,); PaCo additionally takes the query/key projections and the queue.
+The losses take the classifier's center logits (B, C); Balanced Softmax, PaCo and GPaCo add the
+log class prior (C,); PaCo and GPaCo additionally take the projections and the queue.
 """
 from __future__ import annotations
 
@@ -16,12 +17,18 @@ if TYPE_CHECKING:
     from .model import PaCoOutput
 
 
+LOSSES = ("paco", "gpaco", "balanced_softmax", "ce")
+
+
 def compute_loss(loss: str, out: "PaCoOutput", labels: torch.Tensor, log_prior: torch.Tensor,
                  paco: "PaCoConfig") -> torch.Tensor:
-    """The training loss named ``loss`` (paco, gpaco, balanced_softmax or ce) of one forward pass."""
-    if loss in ("paco", "gpaco"):
-        return paco_loss(out.q, out.k, out.queue_keys, labels, out.queue_labels, out.logits, log_prior,
-                         alpha=paco.alpha, beta=paco.beta, gamma=paco.gamma, temperature=paco.temperature)
+    """The training loss named ``loss`` (one of LOSSES) of one forward pass."""
+    weights = dict(alpha=paco.alpha, beta=paco.beta, gamma=paco.gamma, temperature=paco.temperature, smooth=paco.smooth)
+    if loss == "paco":
+        return paco_loss(out.q, out.k, out.queue_keys, labels, out.queue_labels, out.logits, log_prior, **weights)
+    if loss == "gpaco":
+        return gpaco_loss(out.q, out.k, out.queue_keys, labels, out.queue_labels, out.logits, out.logits_k,
+                          log_prior, **weights)
     if loss == "balanced_softmax":
         return balanced_softmax(out.logits, labels, log_prior)
     if loss == "ce":
@@ -52,6 +59,7 @@ def paco_loss(
     beta: float = 1.0,
     gamma: float = 1.0,
     temperature: float,
+    smooth: float = 0.0,
 ) -> torch.Tensor:
     """Parametric contrastive loss (Cui et al., ICCV 2021), mean over the batch.
 
@@ -59,7 +67,9 @@ def paco_loss(
     (entries whose label is negative are empty slots and are ignored), plus the C class centers.
     Logits are ``center_logits + log_prior`` for centers and ``q_i . v / temperature`` for features.
     Positives: the center of y_i with weight ``beta``, every contrast feature labelled y_i with
-    weight ``alpha``. Denominator weights: 1 for centers, ``gamma`` for features.
+    weight ``alpha``. Denominator weights: 1 for centers, ``gamma`` for features. ``smooth``
+    spreads the centers' weight as the official loss's label smoothing does: ``beta * (1 - smooth)``
+    on y_i and ``beta * smooth / (C - 1)`` on every other center.
 
     No (B, 2B+K) mask and no concatenated logit matrix: the denominator combines the logsumexps
     of three blocks (q·q, q·k, q·queue), so the queue block's backward computes no gradient for the
@@ -87,8 +97,11 @@ def paco_loss(
                 torch.logsumexp(queue_logits, dim=1)]), dim=0)
             log_den = torch.logaddexp(log_den, feature_lse + math.log(gamma))
 
-        # Numerator: beta * center logit of y_i + alpha * sum of logits of same-label features.
+        # Numerator: beta * center logit of y_i (smoothed) + alpha * sum of logits of same-label features.
         positive_center = center.gather(1, labels.unsqueeze(1)).squeeze(1)
+        if smooth:
+            others = (center.sum(1) - positive_center) / max(num_classes - 1, 1)
+            positive_center = (1.0 - smooth) * positive_center + smooth * others
         slot_class = torch.where(queue_valid, queue_labels, num_classes)          # empty slots -> extra row
         queue_sums = torch.zeros(num_classes + 1, q.shape[1], dtype=q.dtype, device=q.device)
         queue_sums = queue_sums.index_add(0, slot_class, queue)[:num_classes]
@@ -104,3 +117,15 @@ def paco_loss(
         weighted_logits = beta * positive_center + alpha * same_label_logit_sum
         loss = -(weighted_logits - weight_total * log_den) / weight_total
         return loss.mean()
+
+
+def gpaco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, labels: torch.Tensor,
+               queue_labels: torch.Tensor, logits_q: torch.Tensor, logits_k: torch.Tensor, log_prior: torch.Tensor,
+               **weights) -> torch.Tensor:
+    """Generalized PaCo (Cui et al., TPAMI 2023) as its published code computes it: both views
+    went through the query encoder with gradient, and every one of the 2B features is an anchor,
+    with its own view's center logits, against all 2B features but itself and the queue. That is
+    the mean of ``paco_loss`` anchored on each view (anchor q: q_j, j != i, every k_j; anchor k:
+    every q_j, k_j, j != i), each batch the same size."""
+    return 0.5 * (paco_loss(q, k, queue, labels, queue_labels, logits_q, log_prior, **weights)
+                  + paco_loss(k, q, queue, labels, queue_labels, logits_k, log_prior, **weights))

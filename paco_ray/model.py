@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -11,10 +11,8 @@ import torch.nn.functional as F
 
 from .backbones import build_backbone, load_pretrained
 
-if TYPE_CHECKING:
-    from .config import TrainConfig
-
-# How a loss gets its keys: PaCo from a momentum encoder, GPaCo from the query encoder; None: no keys.
+# How a loss gets its keys: PaCo from a momentum encoder, GPaCo from the query encoder (with gradient,
+# as its published code does); None: no keys.
 KEY_SOURCES = {"paco": "momentum", "gpaco": "query", "balanced_softmax": None, "ce": None}
 
 
@@ -45,15 +43,19 @@ class KeyQueue(nn.Module):
         return self.keys.shape[0]
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor) -> None:
+    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """Write the keys of every rank after the last ones; where ``ok`` (a 0-dim 0/1 device
+        tensor) is 0 nothing changes, decided on the device (a skipped step leaves no trace)."""
         keys, labels = all_gather_cat(keys.detach()), all_gather_cat(labels)
         if keys.shape[0] > self.size:
             keys, labels = keys[-self.size:], labels[-self.size:]
+        written = torch.ones((), dtype=torch.bool, device=keys.device) if ok is None else ok.bool()
         finite = torch.isfinite(keys).all(dim=1)  # a non-finite key is stored as an empty slot
         slots = (self.ptr + torch.arange(keys.shape[0], device=self.ptr.device)) % self.size
-        self.keys[slots] = torch.where(finite.unsqueeze(1), keys, 0.0).to(self.keys.dtype)
-        self.labels[slots] = torch.where(finite, labels, -1)
-        self.ptr.copy_((self.ptr + keys.shape[0]) % self.size)
+        new_keys = torch.where(finite.unsqueeze(1), keys, 0.0).to(self.keys.dtype)
+        self.keys[slots] = torch.where(written, new_keys, self.keys[slots])
+        self.labels[slots] = torch.where(written, torch.where(finite, labels, -1), self.labels[slots])
+        self.ptr.copy_((self.ptr + written.long() * keys.shape[0]) % self.size)
 
     def filled(self) -> torch.Tensor:
         """Number of occupied slots (a 0-dim tensor, no device sync)."""
@@ -62,20 +64,30 @@ class KeyQueue(nn.Module):
 
 class PaCoOutput(NamedTuple):
     """What one forward pass gives the loss; the contrastive fields are None without a key view."""
-    logits: torch.Tensor                        # (B, C) center logits, before the log prior
+    logits: torch.Tensor                        # (B, C) center logits of the query view, before the log prior
     q: torch.Tensor | None = None               # (B, D) normalised query projections
-    k: torch.Tensor | None = None               # (B, D) normalised key projections (no grad)
-    queue_keys: torch.Tensor | None = None      # (K, D) queue before this batch was enqueued
+    k: torch.Tensor | None = None               # (B, D) normalised key projections (PaCo: no grad; GPaCo: grad)
+    queue_keys: torch.Tensor | None = None      # (K, D) the queue: this batch is enqueued after the step
     queue_labels: torch.Tensor | None = None    # (K,) -1 for empty slots
+    logits_k: torch.Tensor | None = None        # (B, C) GPaCo: center logits of the key view
 
 
-PROJECTORS = ("mlp", "mlp_bn")
+# The projection heads: ``mlp`` Linear-ReLU-Linear; ``mlp_bn`` Linear-BN-ReLU-Linear (the official
+# PaCo/MoCo head); ``gpaco_mlp`` Linear-ReLU-Linear-ReLU-Linear (the official GPaCo head, ``mlp`` in its builder).
+PROJECTORS = ("mlp", "mlp_bn", "gpaco_mlp")
+PUBLISHED_HEADS = {"paco": "mlp_bn", "gpaco": "gpaco_mlp"}  # model.projector "": the loss's own head
+# What trains: ``all``, or ``last_block``: the official Places-LT fine-tuning (paco_fp16_places.py),
+# every convolution frozen but those of the query encoder's last residual block.
+TRAINABLE = ("all", "last_block")
 
 
 def projection_head(in_dim: int, out_dim: int, kind: str = "mlp") -> nn.Sequential:
-    """``mlp``: Linear-ReLU-Linear; ``mlp_bn``: Linear-BN-ReLU-Linear (the official PaCo/MoCo head)."""
+    """The projector named ``kind`` (PROJECTORS), ``in_dim`` -> ``out_dim``."""
     if kind not in PROJECTORS:
         raise ValueError(f"projector must be one of {', '.join(PROJECTORS)}, got {kind!r}")
+    if kind == "gpaco_mlp":
+        return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, in_dim),
+                             nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
     norm = [nn.BatchNorm1d(in_dim)] if kind == "mlp_bn" else []
     return nn.Sequential(nn.Linear(in_dim, in_dim), *norm, nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
 
@@ -100,8 +112,12 @@ class PaCoModel(nn.Module):
     """Encoder + classifier, plus for contrastive losses a projector, a key encoder and a queue.
 
     ``key_source``: ``"momentum"`` (PaCo: keys from an EMA copy of encoder and projector, the
-    module ``key_encoder``), ``"query"`` (GPaCo: keys from the query encoder without gradient) or
-    ``None`` (CE / Balanced Softmax: no projector, no queue).
+    module ``key_encoder``), ``"query"`` (GPaCo: the key view through the query encoder and the
+    classifier, with gradient) or ``None`` (CE / Balanced Softmax: no projector, no queue).
+
+    The forward pass changes no state but BatchNorm's statistics; ``end_step`` (after the
+    optimizer step) makes the momentum update and enqueues the batch's keys, only for a step
+    that was not skipped.
     """
 
     def __init__(self, backbone: str, num_classes: int, in_channels: int = 3, proj_dim: int = 128,
@@ -132,13 +148,32 @@ class PaCoModel(nn.Module):
             self.key_encoder.compile()
 
     @classmethod
-    def from_config(cls, cfg: "TrainConfig", num_classes: int, in_channels: int) -> "PaCoModel":
+    def from_config(cls, cfg, num_classes: int, in_channels: int) -> "PaCoModel":
         """The model a training config describes (its loss decides the key source)."""
+        projector = cfg.model.projector or PUBLISHED_HEADS.get(cfg.loss, "mlp")
         model = cls(cfg.model.backbone, num_classes, in_channels, cfg.model.proj_dim, cfg.paco.queue_size,
-                    cfg.paco.momentum, KEY_SOURCES[cfg.loss], cfg.model.projector, cfg.paco.shuffle_keys)
+                    cfg.paco.momentum, KEY_SOURCES[cfg.loss], projector, cfg.paco.shuffle_keys)
         if cfg.model.pretrained:
             model.load_backbone(cfg.model.pretrained)
+        if cfg.model.trainable == "last_block":
+            model.freeze_all_but_last_block()
         return model
+
+    def last_block(self) -> nn.Module:
+        """The query encoder's last residual block (torchvision: layer4[-1])."""
+        stages = [m for name, m in self.encoder.named_children() if name.startswith("layer")] or \
+            [m for m in self.encoder.children() if isinstance(m, nn.Sequential)]
+        if not stages:
+            raise ValueError("model.trainable: last_block needs a ResNet backbone")
+        return stages[-1][-1]
+
+    def freeze_all_but_last_block(self) -> None:
+        """Freeze every convolution weight but those of the query encoder's last residual block,
+        as the official Places-LT fine-tuning does; BatchNorm, projector and classifier train."""
+        keep = {id(m) for m in self.last_block().modules()}
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d) and id(module) not in keep:
+                module.weight.requires_grad_(False)
 
     def load_backbone(self, source: str) -> tuple[int, int]:
         """Pretrained weights into the query encoder and, as the official code does, the key encoder."""
@@ -157,29 +192,41 @@ class PaCoModel(nn.Module):
         return [*self.key_encoder.parameters(), *self.key_projector.parameters()]
 
     @torch.no_grad()
-    def momentum_update(self) -> None:
-        """key <- m * key + (1 - m) * query, over encoder and projector parameters."""
-        key_params = self._key_params()
-        torch._foreach_mul_(key_params, self.momentum)
-        torch._foreach_add_(key_params, self._query_params(), alpha=1.0 - self.momentum)
+    def momentum_update(self, ok: torch.Tensor | None = None) -> None:
+        """key <- m * key + (1 - m) * query over encoder and projector parameters; nothing where
+        ``ok`` (a 0-dim 0/1 device tensor) is 0. Made after each optimizer step, it is MoCo's
+        update at the start of the next step (same parameters, same arithmetic)."""
+        weight = torch.full((), 1.0 - self.momentum, device=self.classifier.weight.device)
+        if ok is not None:
+            weight = weight * ok
+        torch._foreach_lerp_(self._key_params(), self._query_params(), weight)
+
+    @torch.no_grad()
+    def end_step(self, out: PaCoOutput, labels: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """After the optimizer step of a contrastive batch: the momentum update (PaCo) and the
+        enqueue of its keys, both only where ``ok`` is 1: a skipped step leaves no trace."""
+        if self.key_source is None or out.k is None:
+            return
+        if self.key_source == "momentum":
+            self.momentum_update(ok)
+        self.queue.enqueue(out.k, labels, ok)
 
     def forward(self, x_q: torch.Tensor, x_k: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> PaCoOutput:
-        """Center logits of ``x_q``; with a key view and labels (contrastive training) also the
-        query and key projections and the queue. That call updates the key encoder and enqueues
-        this batch's keys."""
+        """Center logits of ``x_q``; with a key view (contrastive training) also the query and key
+        projections, the queue as it is before this batch, and for GPaCo the key view's center
+        logits. ``labels`` are the batch's (the keys are enqueued with them by ``end_step``)."""
         features = self.encoder(x_q)
         logits = self.classifier(features)
         if x_k is None or self.key_source is None:
             return PaCoOutput(logits)
         q = F.normalize(self.projector(features), dim=1)
+        queue_keys, queue_labels = self.queue.keys, self.queue.labels
+        if self.key_source == "query":  # GPaCo: both views through the query encoder, with gradient
+            key_features = self.encoder(x_k)
+            k = F.normalize(self.projector(key_features), dim=1)
+            return PaCoOutput(logits, q, k, queue_keys, queue_labels, self.classifier(key_features))
         with torch.no_grad():
-            if self.key_source == "momentum":
-                self.momentum_update()
-                k = encode_shuffled(self._key_branch, x_k) if self.shuffle_keys else self._key_branch(x_k)
-            else:
-                k = self.projector(self.encoder(x_k))
+            k = encode_shuffled(self._key_branch, x_k) if self.shuffle_keys else self._key_branch(x_k)
             k = F.normalize(k, dim=1)
-            queue_keys, queue_labels = self.queue.keys.clone(), self.queue.labels.clone()
-            self.queue.enqueue(k, labels)
         return PaCoOutput(logits, q, k, queue_keys, queue_labels)

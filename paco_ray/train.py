@@ -12,6 +12,7 @@ on the validation split and report metrics with the full state. It runs in-proce
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -39,6 +40,7 @@ from .faults import KillPlan
 from .host import keep_freed_memory
 from .losses import compute_loss
 from .model import PaCoModel
+from .nonfinite import BatchNormState, all_reduce_sum, nonfinite_flag
 from .optim import build_optimizer, skip_next_step_if
 from .progress import LOGGER, Progress, epoch_line, labelled, setup_logging
 from .run_folder import CONFIG, RESULTS, MetricsLog, config_yaml, to_json
@@ -49,12 +51,6 @@ __all__ = ["train", "train_one_epoch", "train_loop_per_worker", "fit", "main", "
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
 
 
 def log_class_prior(classes: ClassInfo, device: torch.device) -> torch.Tensor:
@@ -162,40 +158,49 @@ NONFINITE_CHECK_EVERY = 50  # steps between the host's looks at the non-finite f
 def train_one_epoch(cfg: TrainConfig, model, loaders, optimizer, scheduler, scaler, log_prior: torch.Tensor,
                     epoch: int, steps_per_epoch: int, rank: int, kill_plan: KillPlan | None = None,
                     progress: Progress | None = None) -> EpochStats:
-    """One pass over this rank's shard of the training split. A step whose loss is not finite on
-    any rank is skipped on every rank, on the device; the host looks at the flags every
-    NONFINITE_CHECK_EVERY steps and at the end, and stops with an error naming the first such step
-    unless ``skip_nonfinite``. No per-step host sync: bookkeeping stays on the device."""
+    """One pass over this rank's shard of the training split. A step whose loss or gradients are
+    not finite on any rank is skipped on every rank, on the device, and leaves no trace (weights,
+    optimizer state, key encoder, queue and, with ``skip_nonfinite``, BatchNorm statistics as
+    before it); the host looks at the flags every NONFINITE_CHECK_EVERY steps and at the end, and
+    stops with an error naming the first such step unless ``skip_nonfinite``. No per-step host
+    sync: bookkeeping stays on the device."""
     device = log_prior.device
     amp_dtype, amp = getattr(torch, cfg.amp_dtype), use_amp(cfg, device)
     model.train()
     started = time.perf_counter()
     loss_sum, images = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
     seen = torch.zeros(loaders.data.size("train"), dtype=torch.int32, device=device)
-    flags: list[torch.Tensor] = []  # per step: 1 when the loss was not finite on some rank
+    flags: list[torch.Tensor] = []  # per step: 1 when the loss or a gradient was not finite on some rank
     losses: list[torch.Tensor] = []
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch_norm = BatchNormState(model) if cfg.skip_nonfinite else None
     for x_q, x_k, labels, index in loaders.train(epoch):
         if kill_plan is not None:
             kill_plan.maybe_kill(rank, epoch * steps_per_epoch + len(flags) + 1)
         x_q, labels = loaders.normalize(x_q), labels.to(device, non_blocking=True)
         x_k = loaders.normalize(x_k) if cfg.contrastive else None
+        if batch_norm is not None:
+            batch_norm.save()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             out = model(x_q, x_k, labels)
             loss = compute_loss(cfg.loss, out, labels, log_prior, cfg.paco)
         optimizer.zero_grad(set_to_none=True)
-        # every rank takes the same decision, or DDP would wait forever in backward
-        bad = all_reduce_sum((~torch.isfinite(loss.detach())).to(torch.int32)).clamp_(max=1)
+        scaler.scale(loss).backward()
+        # every rank takes the same decision; with a GradScaler (float16) it judges the gradients
+        bad = nonfinite_flag(loss, params, check_gradients=not scaler.is_enabled())
         flags.append(bad)
         losses.append(loss.detach().float())
         if not cfg.skip_nonfinite and len(flags) % NONFINITE_CHECK_EVERY == 0:
             check_finite(flags, losses, epoch, steps_per_epoch)
-        scaler.scale(loss).backward()
         skip_next_step_if(optimizer, bad)
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()  # the schedule counts batches, skipped ones included
         ok = 1 - bad
+        unwrap(model).end_step(out, labels, ok)  # momentum update and enqueue, only for a step taken
+        if batch_norm is not None:
+            batch_norm.restore_if(bad)
+        scheduler.step()  # the schedule counts batches, skipped ones included
         loss_sum += torch.where(bad.bool(), 0.0, losses[-1])
         seen.index_add_(0, index.to(device, non_blocking=True), ok.expand(index.numel()))
         images += ok * labels.numel()
@@ -204,15 +209,22 @@ def train_one_epoch(cfg: TrainConfig, model, loaders, optimizer, scheduler, scal
                           optimizer.param_groups[0]["lr"])
     if not cfg.skip_nonfinite:
         check_finite(flags, losses, epoch, steps_per_epoch)
-    skipped = nonfinite_steps(flags)
-    for step in skipped:
-        logging.getLogger(LOGGER).warning(f"warning: skipped a step with a non-finite loss at "
-                                          f"{where(epoch, step, steps_per_epoch)}")
-    if len(skipped) == len(flags):
-        raise FloatingPointError(f"every step of epoch {epoch + 1} had a non-finite loss ({len(skipped)} skipped)")
+    skipped = skipped_steps(flags, epoch, steps_per_epoch)
     return EpochStats(loss=all_reduce_sum(loss_sum / (len(flags) - len(skipped))).item() / world_size,
                       elapsed=time.perf_counter() - started, seen=all_reduce_sum(seen),
                       local_images=int(images.item()), skipped=len(skipped))
+
+
+def skipped_steps(flags: list[torch.Tensor], epoch: int, steps_per_epoch: int) -> list[int]:
+    """The epoch's skipped steps, each with a warning line; an epoch with no step taken is an error."""
+    skipped = nonfinite_steps(flags)
+    for step in skipped:
+        logging.getLogger(LOGGER).warning(f"warning: skipped a step with a non-finite loss or gradient at "
+                                          f"{where(epoch, step, steps_per_epoch)}")
+    if len(skipped) == len(flags):
+        raise FloatingPointError(f"every step of epoch {epoch + 1} had a non-finite loss or gradient "
+                                 f"({len(skipped)} skipped)")
+    return skipped
 
 
 def nonfinite_steps(flags: list[torch.Tensor]) -> list[int]:
@@ -225,11 +237,14 @@ def where(epoch: int, step: int, steps_per_epoch: int) -> str:
 
 
 def check_finite(flags: list[torch.Tensor], losses: list[torch.Tensor], epoch: int, steps_per_epoch: int) -> None:
-    """Stop, naming the first step whose loss was not finite on some rank."""
+    """Stop, naming the first step whose loss (or, with a finite loss, a gradient) was not finite
+    on some rank."""
     steps = nonfinite_steps(flags)
     if steps:
-        raise FloatingPointError(f"non-finite loss ({losses[steps[0] - 1].item()}) at "
-                                 f"{where(epoch, steps[0], steps_per_epoch)}; set skip_nonfinite: true to skip such steps")
+        value = losses[steps[0] - 1].item()
+        what = f"non-finite loss ({value})" if not math.isfinite(value) else f"non-finite gradient (loss {value:.4g})"
+        raise FloatingPointError(f"{what} at {where(epoch, steps[0], steps_per_epoch)}; "
+                                 "set skip_nonfinite: true to skip such steps")
 
 
 def epoch_metrics(cfg: TrainConfig, model, optimizer, epoch: int, stats: EpochStats,

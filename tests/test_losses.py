@@ -1,11 +1,13 @@
-"""paco_loss against an independent loop over the formula of DESIGN.md section 2."""
+"""paco_loss against an independent loop over the PaCo formula (the official PaCoLoss, anchor by
+anchor), and gpaco_loss against the official GPaCo loss (GPaCo/LT/losses.py) transcribed as its
+masked-matrix computation."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from paco_ray.losses import balanced_softmax, cross_entropy, paco_loss
+from paco_ray.losses import balanced_softmax, cross_entropy, gpaco_loss, paco_loss
 
 
 def naive_paco(q, k, queue, labels, queue_labels, center_logits, log_prior, alpha, beta, gamma, temperature):
@@ -109,3 +111,48 @@ def test_cuda_matches_cpu():
     ref = paco_loss(*inputs, alpha=0.05, temperature=0.2)
     got = paco_loss(*[t.cuda() for t in inputs], alpha=0.05, temperature=0.2)
     assert abs(got.item() - ref.item()) < 1e-5
+
+
+def official_gpaco(q, k, queue, labels, queue_labels, logits_q, logits_k, prior, alpha, beta, gamma, temperature,
+                   smooth):
+    """GPaCo/LT/losses.py PaCoLoss.forward with its builder's inputs (features = cat(q, k, queue),
+    target = cat(labels, labels, queue labels), sup_logits = cat(logits_q, logits_k)), in float64."""
+    features = torch.cat([q, k, queue])
+    target = torch.cat([labels, labels, queue_labels]).view(-1, 1)
+    sup_logits = torch.cat([logits_q, logits_k])
+    num_classes = sup_logits.shape[1]
+    batch_size = features.shape[0] - queue.shape[0]  # 2B anchors
+    mask = torch.eq(target[:batch_size], target.T).double()
+    anchor_dot_contrast = features[:batch_size] @ features.T / temperature
+    anchor_dot_contrast = torch.cat([sup_logits + torch.log(prior + 1e-9), anchor_dot_contrast], dim=1)
+    logits = anchor_dot_contrast - anchor_dot_contrast.max(dim=1, keepdim=True).values.detach()
+    logits_mask = torch.scatter(torch.ones_like(mask), 1, torch.arange(batch_size).view(-1, 1), 0)
+    mask = mask * logits_mask
+    one_hot = F.one_hot(target[:batch_size].view(-1), num_classes).double()
+    one_hot = smooth / (num_classes - 1) * (1 - one_hot) + (1 - smooth) * one_hot
+    mask = torch.cat([one_hot * beta, mask * alpha], dim=1)
+    logits_mask = torch.cat([torch.ones(batch_size, num_classes, dtype=torch.double), gamma * logits_mask], dim=1)
+    log_prob = logits - torch.log((torch.exp(logits) * logits_mask).sum(1, keepdim=True) + 1e-12)
+    return -((mask * log_prob).sum(1) / mask.sum(1)).mean()
+
+
+@pytest.mark.parametrize("alpha,gamma,temperature,smooth", [(0.05, 1.0, 0.2, 0.0), (0.5, 0.5, 0.07, 0.0),
+                                                            (0.045, 1.0, 0.2, 0.1)])
+def test_gpaco_matches_the_official_gpaco_loss_in_value_and_gradients(alpha, gamma, temperature, smooth):
+    q, k, queue, labels, queue_labels, logits_q, log_prior = random_inputs(filled=7)  # the official queue is full
+    logits_k = logits_q.flip(0) * 0.7 + 0.3  # the key view's own center logits
+    prior = log_prior.exp()
+    mine = [t.clone().requires_grad_(True) for t in (q, k, logits_q, logits_k)]
+    got = gpaco_loss(mine[0], mine[1], queue, labels, queue_labels, mine[2], mine[3], prior.log(),
+                     alpha=alpha, beta=1.0, gamma=gamma, temperature=temperature, smooth=smooth)
+    got.backward()
+    theirs = [t.double().clone().requires_grad_(True) for t in (q, k, logits_q, logits_k)]
+    ref = official_gpaco(theirs[0], theirs[1], queue.double(), labels, queue_labels, theirs[2], theirs[3],
+                         prior.double(), alpha, 1.0, gamma, temperature, smooth)
+    ref.backward()
+    assert abs(got.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+    for a, b in zip(mine, theirs):  # both views' features and both views' center logits
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-5, rtol=1e-4)
+    # what the previous GPaCo (keys without gradient, query anchors only) computed is not it
+    assert abs(paco_loss(q, k, queue, labels, queue_labels, logits_q, log_prior, alpha=alpha, gamma=gamma,
+                         temperature=temperature, smooth=smooth).item() - ref.item()) > 1e-3

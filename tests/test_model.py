@@ -1,6 +1,8 @@
 """KeyQueue, momentum encoder and PaCoModel outputs; queue gather across 2 gloo processes."""
 import os
+import time
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -44,27 +46,55 @@ def test_momentum_update_is_an_ema_of_query_parameters():
     assert not any(p.requires_grad for p in model._key_params())
 
 
-def test_forward_returns_snapshot_then_enqueues():
+def test_forward_changes_nothing_and_the_step_end_enqueues():
     torch.manual_seed(0)
     model = PaCoModel("resnet_small28", num_classes=3, in_channels=1, proj_dim=8, queue_size=5, momentum=0.9)
     x = torch.randn(4, 1, 28, 28)
     labels = torch.tensor([0, 1, 2, 1])
     out = model(x, x.flip(-1), labels)
-    assert out.logits.shape == (4, 3) and out.q.shape == out.k.shape == (4, 8)
+    assert out.logits.shape == (4, 3) and out.q.shape == out.k.shape == (4, 8) and out.logits_k is None
     torch.testing.assert_close(out.q.norm(dim=1), torch.ones(4))
-    assert (out.queue_labels == -1).all()  # snapshot from before this batch
-    assert model.queue.filled().item() == 4 and out.q.requires_grad and not out.k.requires_grad
+    assert (out.queue_labels == -1).all() and model.queue.filled().item() == 0  # the forward enqueues nothing
+    assert out.q.requires_grad and not out.k.requires_grad
+    model.end_step(out, labels, torch.tensor(0))  # a skipped step: no enqueue
+    assert model.queue.filled().item() == 0 and model.queue.ptr.item() == 0
+    model.end_step(out, labels, torch.tensor(1))
+    assert model.queue.filled().item() == 4
     out2 = model(x, x, labels)
     assert (out2.queue_labels >= 0).sum() == 4
-    inference = model(x)  # no key view: logits only, nothing enqueued
+    model.end_step(out2, labels)
+    inference = model(x)  # no key view: logits only
     assert inference.logits.shape == (4, 3) and inference.q is None and model.queue.filled().item() == 5
 
 
-def test_gpaco_has_no_key_encoder_and_baselines_no_queue():
+def test_a_skipped_step_end_leaves_key_encoder_and_queue_as_they_were():
+    torch.manual_seed(0)
+    model = PaCoModel("resnet_small28", num_classes=3, in_channels=1, proj_dim=8, queue_size=6, momentum=0.9)
+    x, labels = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 1])
+    model.end_step(model(x, x, labels), labels)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)  # the query encoder moved: an update would move the key encoder
+    def state():  # the key encoder's weights and the queue (BatchNorm statistics are BatchNormState's)
+        return {k: v.clone() for k, v in [*model.named_parameters(), *model.named_buffers()]
+                if k.startswith(("key_", "queue.")) and "running_" not in k and "num_batches" not in k}
+
+    before = state()
+    model.end_step(model(x, x, labels), labels, torch.tensor(0, dtype=torch.int32))
+    after = state()
+    assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+    model.end_step(model(x, x, labels), labels, torch.tensor(1, dtype=torch.int32))
+    assert not torch.equal(before["key_encoder.0.weight"], model.state_dict()["key_encoder.0.weight"])
+
+
+def test_gpaco_has_no_key_encoder_and_both_views_carry_gradient_and_logits():
     gpaco = PaCoModel("resnet_small28", 3, 1, 8, 5, key_source="query")
     assert not hasattr(gpaco, "key_encoder") and hasattr(gpaco, "queue")
-    out = gpaco(torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))
-    assert not out.k.requires_grad
+    x_q, x_k = torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)
+    out = gpaco(x_q, x_k, torch.tensor([0, 1]))
+    assert out.k.requires_grad and out.logits_k.shape == (2, 3)  # the official GPaCo builder
+    # the key view's center logits are the classifier on the key view's own features (its own batch)
+    torch.testing.assert_close(out.logits_k, gpaco(x_k).logits)
     baseline = PaCoModel("resnet_small28", 3, 1, key_source=None)
     assert not hasattr(baseline, "queue")
     out = baseline(torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))
@@ -116,8 +146,6 @@ def test_pretrained_torchvision_weights_load_into_both_encoders_but_not_the_clas
 
 def test_pretrained_errors_name_the_file(tmp_path, tiny_config):
     from paco_ray.errors import InputError, MissingInputError
-    from paco_ray.schema import ConfigError
-
     def build(path):
         return PaCoModel.from_config(tiny_config("model.backbone=resnet18", f"model.pretrained={path}"), 5, 3)
 
@@ -129,8 +157,9 @@ def test_pretrained_errors_name_the_file(tmp_path, tiny_config):
     torch.save(build_backbone("resnet_small28", 3)[0].state_dict(), tmp_path / "other.pth")
     with pytest.raises(InputError, match=r"other.pth matches none of the backbone's \d+ tensors"):
         build(tmp_path / "other.pth")
-    with pytest.raises(ConfigError, match="model.pretrained: needs a torchvision backbone"):
-        tiny_config(f"model.pretrained={tmp_path / 'other.pth'}")
+    # any paco_ray backbone takes weights of its own shape (an official CIFAR ResNet-32 included)
+    small = PaCoModel.from_config(tiny_config(f"model.pretrained={tmp_path / 'other.pth'}"), 5, 3)
+    assert torch.equal(small.encoder.state_dict()["0.weight"], torch.load(tmp_path / "other.pth")["0.weight"])
 
 
 def _gather_worker(rank: int, world: int, init_file: str, out_dir: str):
@@ -216,3 +245,63 @@ def test_shuffled_keys_equal_plain_keys_in_eval_and_differ_only_by_batch_statist
     shuffled = torch.cat([net(everything[chunk]) for chunk in order.view(2, -1)])
     expected = shuffled[torch.argsort(order)]
     torch.testing.assert_close(torch.cat([r["train"] for r in ranks]), expected, rtol=0, atol=1e-6)
+
+
+def test_places_fine_tuning_trains_exactly_what_the_official_code_trains():
+    """paco_fp16_places.py: disable_conv(model) (every nn.Conv2d weight), then re-enable the
+    Conv2d and BatchNorm2d weights of encoder_q.layer4[-1]; everything else keeps its setting."""
+    from pathlib import Path
+
+    from paco_ray.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "places_lt.yaml", ["model.pretrained="])
+    assert cfg.model.trainable == "last_block" and cfg.model.backbone == "resnet152"
+    model = PaCoModel.from_config(cfg, 365, 3)
+    reference = PaCoModel.from_config(load_config(None, ["model.backbone=resnet152", "model.projector=mlp_bn",
+                                                         "model.proj_dim=128"]), 365, 3)
+    for module in reference.modules():  # the official rule, applied to an untouched model
+        if isinstance(module, torch.nn.Conv2d):
+            module.weight.requires_grad = False
+    for module in reference.encoder.layer4[-1].modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.weight.requires_grad = True
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.requires_grad = module.bias.requires_grad = True
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {n for n, p in reference.named_parameters() if p.requires_grad}
+    assert "encoder.layer4.2.conv3.weight" in trained and "encoder.layer4.1.conv3.weight" not in trained
+    assert "encoder.layer1.0.bn1.weight" in trained and "classifier.weight" in trained and "projector.0.weight" in trained
+    assert not any(n.startswith("key_") for n in trained)
+
+
+def _eval_worker(rank: int, world: int, init_file: str, out_dir: str):
+    """A DDP model trains one step on both ranks, then evaluates a split of which only rank 0
+    holds a batch (a validation split smaller than the number of workers)."""
+    from types import SimpleNamespace
+
+    from paco_ray.data.longtail import ClassInfo
+    from paco_ray.evaluate import evaluate_split
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(PaCoModel("resnet_small28", 3, 1, key_source=None))
+    torch.manual_seed(rank)  # each rank its own batch: its own BatchNorm statistics
+    model(torch.randn(4, 1, 28, 28)).logits.sum().backward()
+    batches = [(torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(9)), torch.tensor([0, 2]))]
+    loaders = SimpleNamespace(eval=lambda split: iter(batches if rank == 0 else []), normalize=lambda x: x)
+    metrics = evaluate_split(model, loaders, "val", ClassInfo(("a", "b", "c"), (5, 3, 1)), torch.device("cpu"))
+    torch.save(metrics["per_class"], os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_evaluation_finishes_when_a_rank_has_no_batch(tmp_path):
+    context = mp.spawn(_eval_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("evaluation under DDP waited for ever for the rank without a batch")
+    per_class = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    np.testing.assert_array_equal(per_class[0], per_class[1])  # counts summed over ranks, the same on both
+    assert per_class[0][0] == 100.0 or per_class[0][0] == 0.0  # class a: its one image counted once

@@ -34,6 +34,37 @@ def test_warmup_then_cosine():
     assert warmup_cosine(0, 0, 10) == 1.0
 
 
+def official_cifar_lr(epoch: int, lr: float, warmup_epochs: int) -> float:
+    """adjust_learning_rate of the official paco_cifar.py (its --cos flag is never read)."""
+    if epoch <= warmup_epochs:
+        return lr / warmup_epochs * (epoch + 1)
+    elif epoch > 360:
+        return lr * 0.01
+    elif epoch > 320:
+        return lr * 0.1
+    return lr
+
+
+def test_the_step_schedule_is_the_official_cifar_schedule():
+    from paco_ray.config import OptimConfig
+    from paco_ray.optim import build_optimizer
+
+    optim = OptimConfig(epochs=400, lr=0.05, warmup_epochs=10, schedule="step")  # milestones 320, 360; gamma 0.1
+    steps = 3
+    optimizer, scheduler = build_optimizer(torch.nn.Linear(2, 2), optim, steps)
+    seen = []
+    for step in range(400 * steps):
+        if step % steps == 0:
+            seen.append(optimizer.param_groups[0]["lr"])
+        else:  # constant within an epoch
+            assert optimizer.param_groups[0]["lr"] == seen[-1]
+        optimizer.step()
+        scheduler.step()
+    expected = [official_cifar_lr(e, 0.05, 10) for e in range(400)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+    assert seen[10] == pytest.approx(0.055) and seen[321] == pytest.approx(0.005) and seen[361] == pytest.approx(5e-4)
+
+
 @pytest.mark.parametrize("loss", ["paco", "gpaco", "balanced_softmax", "ce"])
 def test_each_loss_trains_and_reports(loss, tiny_config, tmp_path):
     cfg = tiny_config(f"loss={loss}")
@@ -199,7 +230,7 @@ def test_skip_nonfinite_skips_the_step_and_keeps_training(tiny_config, tmp_path,
     assert math.isfinite(second["train_loss"])
     state = load_state(second["checkpoint_path"])
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
-    assert "skipped a step with a non-finite loss at epoch 1, step 2" in capsys.readouterr().err
+    assert "skipped a step with a non-finite loss or gradient at epoch 1, step 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("momentum", [0.9, 0.0])
@@ -293,3 +324,83 @@ def test_compile_trains_the_same_model_with_unchanged_checkpoints(tiny_config, t
     resumed = LocalSession(tmp_path / "resumed", resume_from=compiled.reports[0]["checkpoint_path"])
     train(tiny_config("loss=paco"), resumed)
     assert [r["epoch"] for r in resumed.reports] == [2]
+
+
+class StepWatch:
+    """Wraps a run's training batches: poisons chosen steps and snapshots the whole training state
+    (weights, BatchNorm statistics, key encoder, queue, optimizer state) after every step."""
+
+    def __init__(self, monkeypatch, poison_inputs=(), poison_gradients=()):
+        import paco_ray.train as train_module
+
+        self.poison_inputs, self.poison_gradients = set(poison_inputs), set(poison_gradients)
+        self.states: list[dict] = []  # states[s]: after step s (states[0]: before the first)
+        self.model = self.optimizer = None
+        build_loaders, build_optimizer = train_module.build_loaders, train_module.build_optimizer
+
+        def loaders(*args, **kwargs):
+            built = build_loaders(*args, **kwargs)
+            real = built.train
+            built.train = lambda epoch: self.batches(real(epoch))
+            return built
+
+        def optimizer(model, *args, **kwargs):
+            self.model = model
+            self.optimizer, scheduler = build_optimizer(model, *args, **kwargs)
+            return self.optimizer, scheduler
+
+        monkeypatch.setattr(train_module, "build_loaders", loaders)
+        monkeypatch.setattr(train_module, "build_optimizer", optimizer)
+
+    def snapshot(self) -> dict:
+        state = {f"model.{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
+        for i, p in enumerate(self.optimizer.param_groups[0]["params"]):
+            buffer = self.optimizer.state[p].get("momentum_buffer")
+            if buffer is not None:
+                state[f"momentum.{i}"] = buffer.clone()
+        return state
+
+    def batches(self, inner):
+        for step, (x_q, x_k, labels, index) in enumerate(inner, start=1):
+            self.states.append(self.snapshot())
+            if step in self.poison_inputs:
+                x_q = x_q.float().clone()
+                x_q[0] = float("nan")  # one image of NaNs: NaN activations, BatchNorm statistics, loss
+            hooks = [p.register_hook(lambda g: g * float("nan")) for p in [next(self.model.classifier.parameters())]] \
+                if step in self.poison_gradients else []
+            yield x_q, x_k, labels, index
+            for hook in hooks:
+                hook.remove()
+        self.states.append(self.snapshot())
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"the skipped step changed {changed[:6]}"
+
+
+@pytest.mark.parametrize("loss", ["paco", "gpaco"])
+def test_a_skipped_step_leaves_no_trace(loss, tiny_config, tmp_path, monkeypatch):
+    """A NaN input (step 2) and NaN gradients with a finite loss (step 4, bfloat16 default: no
+    GradScaler) are skipped: weights, optimizer momentum, BatchNorm statistics, key encoder and
+    queue are bit for bit what they were before the step; training goes on with finite state."""
+    watch = StepWatch(monkeypatch, poison_inputs={2}, poison_gradients={4})
+    session = LocalSession(tmp_path / "out")
+    train(tiny_config(f"loss={loss}", "skip_nonfinite=true", "optim.epochs=1", "optim.warmup_epochs=0",
+                     "model.projector=mlp_bn"), session)
+    (report,) = session.reports
+    assert report["skipped_steps"] == 2
+    assert_same_state(watch.states[1], watch.states[2])
+    assert_same_state(watch.states[3], watch.states[4])
+    for step in (1, 3, 5):  # the steps around them did train
+        assert not torch.equal(watch.states[step - 1]["model.classifier.weight"],
+                               watch.states[step]["model.classifier.weight"])
+    assert all(torch.isfinite(t).all() for t in watch.states[-1].values() if t.is_floating_point())
+    assert math.isfinite(report["val_balanced_acc"]) and math.isfinite(report["train_loss"])
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_stops_training_naming_the_step(tiny_config, tmp_path, monkeypatch):
+    StepWatch(monkeypatch, poison_gradients={3})
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient \(loss [\d.]+\) at epoch 1, step 3 "):
+        train(tiny_config("loss=paco"), LocalSession(tmp_path / "out"))
