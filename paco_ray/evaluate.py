@@ -95,13 +95,25 @@ def metrics_from_counts(counts: torch.Tensor, classes: ClassInfo) -> dict[str, f
 def evaluate_split(model: torch.nn.Module, loaders, split: str, classes: ClassInfo,
                    device: torch.device, confusion: bool = False) -> dict[str, Any]:
     """Metrics (with ``per_class``, and with ``confusion`` the (C, C) counts under that key) of
-    ``model`` on this rank's shard of ``split``, summed over ranks."""
-    counts, pairs = prediction_counts(model, loaders.eval(split), loaders.normalize, classes.num_classes, device,
-                                      confusion)
+    ``model`` on this rank's shard of ``split``, summed over ranks. A DDP model is evaluated
+    through its module, with rank 0's buffers: DDP's own forward broadcasts buffers, a collective
+    that a rank without a batch of the split (a split smaller than the workers) would never join."""
+    counts, pairs = prediction_counts(synced_module(model), loaders.eval(split), loaders.normalize,
+                                      classes.num_classes, device, confusion)
     metrics = metrics_from_counts(counts, classes)
     if pairs is not None:
         metrics["confusion"] = pairs
     return metrics
+
+
+def synced_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper, its buffers (BatchNorm statistics) made rank 0's on every
+    rank first (every rank takes part); any other model as it is."""
+    if not hasattr(model, "module") or not (dist.is_available() and dist.is_initialized()):
+        return model
+    for buffer in model.module.buffers():
+        dist.broadcast(buffer, src=0)
+    return model.module
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
