@@ -1,10 +1,15 @@
-"""CIFAR-10 / CIFAR-100 (python pickle batches) -> CIFAR-LT prepared dataset.
+"""CIFAR-10 / CIFAR-100 (python pickle batches) -> CIFAR-LT prepared dataset, the benchmark split.
 
 python -m pipelines.cifar --src cifar-100-python --out data/cifar100_lt_if100 --imbalance-factor 100
 
-Train keeps the first n_c = n_max * IF^(-c/(C-1)) images of class c in file order (the LDAM/PaCo
-convention); the validation split takes the last --val-per-class training images of each class
-(never used for training, so n_max defaults to the per-class count minus them); test stays balanced.
+The training split is the published one (the official ``dataset/imbalance_cifar.py``, from
+LDAM-DRW): n_max = the per-class count (500 / 5000), n_c = int(n_max * (1/IF)^(c/(C-1))); with
+numpy's global generator seeded once with 0, each class's indices (file order) are shuffled in
+class order and the first n_c kept. The validation split takes the next --val-per-class shuffled
+images of each class, which training never uses; a class that uses (nearly) all its images -- the
+head class uses all 500 -- completes its validation images with its last selected training images,
+which are then in both splits (recorded; see the README). The test split stays balanced. Shot
+groups use the published thresholds (many > 100, few < 20 training images).
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from paco_ray.data.longtail import exponential_profile, longtail_split, scaled_shot_thresholds
+from paco_ray.data.longtail import FEW_SHOT, MANY_SHOT
 from paco_ray.data.sources import cifar_images, load_cifar_batch
 
 from paco_ray.errors import MissingInputError
@@ -59,6 +64,25 @@ def _read(src: Path, files: list[str], label_key: str) -> tuple[list[str], np.nd
     return sources, np.concatenate(labels), np.concatenate(images)
 
 
+def published_split(labels: np.ndarray, num_classes: int, imbalance_factor: float, val_per_class: int,
+                    max_per_class: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """(train rows, validation rows, rows in both) of the published CIFAR-LT split (module
+    docstring); the train rows in the official order (class by class, shuffled within a class)."""
+    rng = np.random.RandomState(seed)  # np.random.seed(seed) and np.random.shuffle, as the official code
+    train, val, shared = [], [], 0
+    for c in range(num_classes):
+        n = int(max_per_class * (1.0 / imbalance_factor) ** (c / (num_classes - 1.0))) if num_classes > 1 \
+            else int(max_per_class)
+        members = np.flatnonzero(labels == c)
+        rng.shuffle(members)
+        unused = members[n:n + val_per_class]
+        borrowed = members[:n][len(members[:n]) - (val_per_class - len(unused)):] if len(unused) < val_per_class else []
+        train.append(members[:n])
+        val.append(np.concatenate([unused, borrowed]).astype(np.int64))
+        shared += len(borrowed)
+    return np.concatenate(train), np.sort(np.concatenate(val)), shared
+
+
 def prepare(src: str | Path, out: str | Path, *, imbalance_factor: float = 100.0, max_per_class: int | None = None,
             val_per_class: int | None = None, force: bool = False) -> Path:
     check_at_least("--imbalance-factor", imbalance_factor, 1)
@@ -81,20 +105,23 @@ def prepare(src: str | Path, out: str | Path, *, imbalance_factor: float = 100.0
     per_class = int(np.bincount(train_labels, minlength=len(names)).min())
     if val_per_class is None:
         val_per_class = max(1, per_class // 25)  # 20 for CIFAR-100, 200 for CIFAR-10
-    if max_per_class is None:
-        max_per_class = per_class - val_per_class
-    counts = exponential_profile(max_per_class, len(names), imbalance_factor)
-    try:
-        train_idx, val_idx = longtail_split(train_labels, counts, val_per_class)
-    except ValueError as err:
-        raise PipelineError(f"--max-per-class/--val-per-class: {err}") from None
+    max_per_class = per_class if max_per_class is None else max_per_class
+    if max_per_class > per_class or val_per_class >= per_class:
+        raise PipelineError(f"--max-per-class/--val-per-class: {max_per_class} / {val_per_class} but each class has "
+                            f"{per_class} training images")
+    train_idx, val_idx, shared = published_split(train_labels, len(names), imbalance_factor, val_per_class,
+                                                 float(max_per_class))
+    if shared:
+        print(f"validation: {shared} images of the head class(es) are also training images (they use nearly all "
+              "their images)", file=sys.stderr)
 
     def samples(rows, sources, labels, images):
         return [Sample(sources[r], int(labels[r]), lambda r=r: images[r]) for r in rows]
 
     fingerprint = {"pipeline": "cifar", "variant": variant, "source": str(src), "imbalance_factor": imbalance_factor,
                    "max_per_class": max_per_class, "val_per_class": val_per_class}
-    return write_prepared(out, fingerprint=fingerprint, class_names=names, thresholds=scaled_shot_thresholds(max_per_class),
+    return write_prepared(out, fingerprint={**fingerprint, "split": "published"}, class_names=names,
+                          thresholds=(MANY_SHOT, FEW_SHOT),
                           splits={"train": samples(train_idx, train_src, train_labels, train_images),
                                   "val": samples(val_idx, train_src, train_labels, train_images),
                                   "test": samples(range(len(test_labels)), test_src, test_labels, test_images)},
@@ -106,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--src", required=True, help="cifar-10-batches-py or cifar-100-python directory")
     parser.add_argument("--out", required=True, help="prepared dataset directory, or an object-storage URI (s3://bucket/prefix, gs://...)")
     parser.add_argument("--imbalance-factor", type=float, default=100.0, help="10, 50 or 100 in the literature")
-    parser.add_argument("--max-per-class", type=int, help="head-class size (default: per-class count - val)")
+    parser.add_argument("--max-per-class", type=int, help="head-class size n_max (default: the per-class count, "
+                        "500 / 5000, as published)")
     parser.add_argument("--val-per-class", type=int, help="validation images per class (default: 4%%)")
     parser.add_argument("--force", action="store_true", help="rebuild even if --out is prepared")
     args = parser.parse_args(argv)

@@ -184,8 +184,30 @@ def test_progress_on_a_terminal_is_a_bar_labelled_with_the_file():
 # ----------------------------------------------------------------------------- CIFAR
 
 
+def official_cifar_lt(labels: np.ndarray, num_classes: int, imb_factor: float) -> list[np.ndarray]:
+    """The official dataset/imbalance_cifar.py, as written there: img_max = len / C,
+    int(img_max * imb_factor ** (c / (C - 1.0))), np.random.seed(0), then per class in order
+    np.random.shuffle(np.where(targets == c)[0]) and the first n_c."""
+    np.random.seed(0)
+    img_max = len(labels) / num_classes
+    counts = [int(img_max * imb_factor ** (c / (num_classes - 1.0))) for c in range(num_classes)]
+    chosen = []
+    for c, n in enumerate(counts):
+        idx = np.where(labels == c)[0]
+        np.random.shuffle(idx)
+        chosen.append(idx[:n])
+    return chosen
+
+
+def cifar_rows(prepared, variant: str, labels: np.ndarray, split: str) -> list[int]:
+    """Row of the concatenated training batches that each sample of ``split`` came from."""
+    parts = np.array_split(np.arange(len(labels)), 5)
+    return [sum(len(p) for p in parts[:int(s.split("data_batch_")[1][0]) - 1]) + int(s.rsplit("#", 1)[1])
+            if variant == "cifar10" else int(s.rsplit("#", 1)[1]) for s in prepared.sources[split]]
+
+
 @pytest.mark.parametrize("variant,per_class,imbalance", [("cifar10", 30, 10), ("cifar100", 6, 5)])
-def test_cifar_lt_profile_and_round_trip(variant, per_class, imbalance, tmp_path, ffcv_uncompiled):
+def test_cifar_lt_is_the_published_split_and_round_trips(variant, per_class, imbalance, tmp_path, ffcv_uncompiled):
     labels, data = write_cifar(tmp_path / "src", variant, per_class, np.random.default_rng(1))
     out = tmp_path / "out"
     assert cifar.main(["--src", str(tmp_path / "src"), "--out", str(out), "--imbalance-factor", str(imbalance),
@@ -193,22 +215,34 @@ def test_cifar_lt_profile_and_round_trip(variant, per_class, imbalance, tmp_path
     prepared = PreparedDataset.open(out)
     assert prepared.mean == (0.4914, 0.4822, 0.4465)  # the official CIFAR statistics
     num_classes = 10 if variant == "cifar10" else 100
-    expected = exponential_profile(per_class - 1, num_classes, imbalance)
-    assert list(prepared.classes.train_counts) == expected
-    # train = first n_c images of each class in file order; val = the last image of each class
-    first = sorted(i for c, n in enumerate(expected) for i in np.flatnonzero(labels == c)[:n])
-    assert prepared.size("val") == num_classes and prepared.size("test") == 2 * num_classes
+    official = official_cifar_lt(labels, num_classes, 1.0 / imbalance)
+    assert list(prepared.classes.train_counts) == [len(c) for c in official]
+    rows = cifar_rows(prepared, variant, labels, "train")
+    assert rows == [int(i) for c in official for i in c]  # the very images, in the official order
     images, got_labels, _ = eval_pixels(out, "train")
-    for k, source in enumerate(prepared.sources["train"]):
-        assert torch.equal(images[k], torch.from_numpy(read_source(source)).permute(2, 0, 1))
-    assert got_labels.tolist() == prepared.labels["train"]
-    # row r of the concatenated batches holds data[r] reshaped to 3x32x32
-    rows = [sum(len(p) for p in np.array_split(np.arange(len(labels)), 5)[:int(s.split("data_batch_")[1][0]) - 1])
-            + int(s.rsplit("#", 1)[1]) if variant == "cifar10" else int(s.rsplit("#", 1)[1])
-            for s in prepared.sources["train"]]
-    assert rows == first
     assert torch.equal(images, torch.from_numpy(data[rows].reshape(-1, 3, 32, 32)))
-    assert got_labels.tolist() == labels[rows].tolist()
+    assert got_labels.tolist() == labels[rows].tolist() == prepared.labels["train"]
+    # published shot thresholds, not scaled with the head class
+    assert (prepared.classes.many_threshold, prepared.classes.few_threshold) == (100, 20)
+    # validation: one image per class, from the images training leaves unused, except the head
+    # class, which uses all of its own: its validation image is one of its training images
+    val = cifar_rows(prepared, variant, labels, "val")
+    assert sorted(labels[val].tolist()) == list(range(num_classes))
+    in_both = set(val) & set(rows)
+    assert {int(labels[r]) for r in in_both} == {0} and len(official[0]) == per_class
+    assert prepared.size("test") == 2 * num_classes
+
+
+def test_the_cifar_head_class_validation_images_are_its_last_training_images(tmp_path):
+    from pipelines.cifar import published_split
+
+    labels = np.repeat(np.arange(4), 10)
+    train, val, shared = published_split(labels, 4, imbalance_factor=4.0, val_per_class=3, max_per_class=10.0)
+    counts = [int(10 * 0.25 ** (c / 3.0)) for c in range(4)]  # 10, 6, 3, 2
+    assert [int((labels[train] == c).sum()) for c in range(4)] == counts and shared == 3
+    head_train = [int(i) for i in train if labels[i] == 0]
+    assert sorted(int(i) for i in val if labels[i] == 0) == sorted(head_train[-3:])
+    assert not set(val.tolist()) & set(i for i in train.tolist() if labels[i] != 0)  # other classes: disjoint
 
 
 def test_cifar_errors(tmp_path, capsys):
