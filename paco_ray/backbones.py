@@ -5,6 +5,7 @@ local or object-storage file)."""
 from __future__ import annotations
 
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from torchvision.models.resnet import BasicBlock
 
@@ -40,6 +41,51 @@ def small_resnet(in_channels: int, widths: tuple[int, ...], blocks: tuple[int, .
     return net, planes
 
 
+class OptionABlock(nn.Module):
+    """The CIFAR ResNet block of He et al. and of the official code (``models/resnet_cifar.py``):
+    a parameter-free shortcut (option A: subsample by 2, pad the new channels with zeros)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.pad = (planes - in_planes) // 2 if stride != 1 or in_planes != planes else None
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.pad is None else F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32 px images as the official code builds it (``ResNet_s``): a 3x3 stem,
+    three stages of ``blocks`` option-A blocks (16, 32, 64 channels) and global average pooling;
+    its convolutions initialised with ``kaiming_normal_`` (fan in). Module names match the
+    official checkpoints' (conv1, bn1, layer1-3)."""
+
+    def __init__(self, in_channels: int = 3, blocks: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        planes, stages = 16, []
+        for width, stride in ((16, 1), (32, 2), (64, 2)):
+            stages.append(nn.Sequential(*[OptionABlock(planes if i == 0 else width, width, stride if i == 0 else 1)
+                                          for i in range(blocks)]))
+            planes = width
+        self.layer1, self.layer2, self.layer3 = stages
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+
 def _torchvision_trunk(name: str, in_channels: int) -> tuple[nn.Module, int]:
     net = getattr(torchvision.models, name)(weights=None)
     if in_channels != 3:
@@ -52,7 +98,8 @@ def _torchvision_trunk(name: str, in_channels: int) -> tuple[nn.Module, int]:
 TORCHVISION_BACKBONES = ("resnet18", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d")
 BACKBONES = {
     "resnet_small28": lambda c: small_resnet(c, (16, 32, 64), (1, 1, 1)),
-    "resnet32": lambda c: small_resnet(c, (16, 32, 64), (5, 5, 5)),
+    "resnet32": lambda c: (CifarResNet(c, 5), 64),  # the published CIFAR-LT backbone (option-A shortcuts)
+    "resnet32_b": lambda c: small_resnet(c, (16, 32, 64), (5, 5, 5)),  # 1x1-conv + BN shortcuts
     **{name: (lambda c, name=name: _torchvision_trunk(name, c)) for name in TORCHVISION_BACKBONES},
 }
 
@@ -85,9 +132,9 @@ def build_backbone(name: str, in_channels: int = 3) -> tuple[nn.Module, int]:
 
 def load_pretrained(trunk: nn.Module, source: str) -> tuple[int, int]:
     """Copy a state dict (a ``.pth`` torch file or a ``.safetensors`` file, local or an
-    object-storage URI) into a trunk: every tensor whose name and shape match (a classifier never
-    does: the trunk has none); returns (loaded, total) tensor counts. Refuses a file that matches
-    nothing."""
+    object-storage URI; or a paco_ray checkpoint's query encoder) into a trunk: every tensor whose
+    name and shape match (a classifier never does: the trunk has none); returns (loaded, total)
+    tensor counts. Refuses a file that matches nothing."""
     import io
 
     import torch
@@ -110,6 +157,9 @@ def load_pretrained(trunk: nn.Module, source: str) -> tuple[int, int]:
     except Exception as err:
         kind = "unreadable" if is_uri(source) else "not a torch state dict"
         raise InputError(f"model.pretrained: {source}: {kind} ({type(err).__name__}: {err})".splitlines()[0]) from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "config" in state:
+        # a paco_ray checkpoint (paco-import writes one from an official model): its query encoder
+        state = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     own = trunk.state_dict()
     matched = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape} if isinstance(state, dict) else {}
