@@ -1,12 +1,12 @@
-"""SGD with linear warmup and cosine decay, stepped once per training step; a step can be skipped
-on the device (no host sync) with ``skip_next_step_if``."""
+"""SGD with a learning-rate schedule stepped once per training step (``SCHEDULES``: linear warmup
+then cosine decay, or the official CIFAR step schedule); a step can be skipped on the device (no
+host sync) with ``skip_next_step_if``."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from .config import OptimConfig
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -17,17 +17,36 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, steps_per_epoch: int):
-    """(SGD over the trainable parameters, its per-step warmup-cosine LambdaLR). Fused SGD reads a
-    ``found_inf`` flag on the device and skips the whole update when it is set."""
+def step_decay(step: int, steps_per_epoch: int, warmup_epochs: int, milestones: list[int], gamma: float) -> float:
+    """LR multiplier of the official CIFAR schedule (``paco_cifar.py`` ``adjust_learning_rate``),
+    set per epoch e (0-based): (e + 1) / warmup_epochs while e <= warmup_epochs (so epoch
+    ``warmup_epochs`` itself runs at (warmup + 1) / warmup, as there), then gamma^k where k
+    milestones are below e (320, 360: x0.1 after epoch 320, x0.01 after 360)."""
+    epoch = step // steps_per_epoch
+    if warmup_epochs and epoch <= warmup_epochs:
+        return (epoch + 1) / warmup_epochs
+    return gamma ** sum(epoch > m for m in milestones)
+
+
+SCHEDULES = ("cosine", "step")
+
+
+def build_optimizer(model: torch.nn.Module, optim, steps_per_epoch: int):
+    """(SGD over the trainable parameters, its per-step LambdaLR: ``optim.schedule``). Fused SGD
+    reads a ``found_inf`` flag on the device and skips the whole update when it is set."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
                                 nesterov=optim.nesterov, fused=True)
     if optim.momentum > 0:  # a skipped first step must leave zeros, not fused SGD's uninitialised buffers
         for p in params:
             optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
-        step, optim.warmup_epochs * steps_per_epoch, optim.epochs * steps_per_epoch))
+    if optim.schedule == "step":
+        multiplier = lambda step: step_decay(step, steps_per_epoch, optim.warmup_epochs,  # noqa: E731
+                                             list(optim.milestones), optim.gamma)
+    else:
+        multiplier = lambda step: warmup_cosine(step, optim.warmup_epochs * steps_per_epoch,  # noqa: E731
+                                                optim.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     return optimizer, scheduler
 
 

@@ -37,8 +37,13 @@ def check_keys(raw: dict[str, Any], names: list[str], prefix: str = "") -> None:
 
 
 def coerce(value: Any, kind: Any, key: str) -> Any:
-    """``value`` as ``kind`` (bool, int, float or str). An int is taken for a float, an integral
-    float for an int, and a numeric string for a float."""
+    """``value`` as ``kind`` (bool, int, float, str, or a list of one of them). An int is taken for
+    a float, an integral float for an int, and a numeric string for a float."""
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        if isinstance(value, (list, tuple)):
+            return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}")
     if kind is bool:
         if isinstance(value, bool):
             return value

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 60
+TIMEOUT_S = 180  # generous: the script takes seconds, a hang would take for ever
 CASES = {  # how the worker fails -> what the one line says after "error: writing train.beton: "
     "raise": r"writer worker [12] failed on /data/img50\.png: OSError: disk vanished",
     "kill": r"writer worker [12] \(pid \d+\) was killed by SIGKILL \(out of memory\?\) on /data/img50\.png",
