@@ -1,5 +1,5 @@
-"""Console scripts (``pyproject.toml``): ``paco-train``, ``paco-tune``, ``paco-eval`` and
-``paco-prepare``, the same commands as ``python -m paco_ray.train`` etc. Options are read before
+"""Console scripts (``pyproject.toml``): ``paco-train``, ``paco-tune``, ``paco-eval``,
+``paco-prepare`` and ``paco-import``, the same commands as ``python -m paco_ray.train`` etc. Options are read before
 the heavy modules load, so ``--help`` answers at once."""
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ def evaluate() -> int:
 
     evaluate_parser().parse_args()
     from .evaluate import main
+
+    return main()
+
+
+def import_official() -> int:
+    """``paco-import OFFICIAL.pth --config CONFIG.yaml --out CKPT`` (paco_ray.official)."""
+    from .official import main
 
     return main()
 
