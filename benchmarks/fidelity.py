@@ -6,7 +6,7 @@ For each imbalance factor (100, then 10):
 1. tune: each loss gets the same paco_ray.tune search (ASHA, same trials, same trial-epochs) on
    the validation split: PaCo and GPaCo search temperature, alpha and queue size; CE and Balanced
    Softmax search learning rate and weight decay. All use the same recipe (RECIPE: pad-crop +
-   flip on both views, the official projector; the baselines train on the query view);
+   flip on both views, each loss's published projector; the baselines train on the query view);
 2. retrain: each winner trains to the full budget with 3 seeds; its best validation epoch is
    evaluated once on the test split (mean ± std of balanced / many / medium / few);
 3. ablations (IF 100): the PaCo winner with one recipe element changed at a time (ABLATIONS), among
@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longtail import COLUMNS, LOSSES, mean_std, plot, run_one  # noqa: E402
 
-RECIPE = ["data.query_view=crop_flip", "data.key_view=crop_flip", "data.crop_padding=2", "model.projector=mlp_bn",
-          "optim.warmup_epochs=1"]
+RECIPE = ["data.query_view=crop_flip", "data.key_view=crop_flip", "data.crop_padding=2", "optim.warmup_epochs=1"]
+# model.projector is the loss's published head (the default): Linear-BN-ReLU-Linear for PaCo, GPaCo's own for GPaCo
 SEARCH = {
     "paco": {"paco": {"temperature": {"loguniform": [0.05, 0.5]}, "alpha": {"loguniform": [0.001, 0.05]},
                       "queue_size": {"choice": [500, 1000, 3000]}}},

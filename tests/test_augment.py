@@ -146,9 +146,12 @@ def test_sim_cifar_grays_a_fifth_of_the_views_and_sim_never_keeps_colour_untouch
     assert ops[0].brightness == (0.6, 1.4) and ops[0].hue is None  # official query jitter: no hue
 
 
-def test_views_default_to_the_previous_behaviour_and_bad_names_are_refused(tiny_config):
-    assert view_names(DataConfig()) == ("crop_flip", "crop_flip")
-    assert view_names(DataConfig(randaugment_ops=2, augment="imagenet")) == ("randaugment", "sim")
+def test_views_default_to_the_measured_recipe_the_old_rule_by_name_and_bad_names_are_refused(tiny_config):
+    assert view_names(DataConfig()) == ("crop_flip", "crop_flip")  # the best measured here (fidelity.py)
+    assert view_names(DataConfig(randaugment_ops=2, augment="imagenet")) == ("crop_flip", "crop_flip")
+    # empty names: 0.1's rule, by the family and RandAugment
+    assert view_names(DataConfig(randaugment_ops=2, augment="imagenet", query_view="", key_view="")) == \
+        ("randaugment", "sim")
     assert view_names(DataConfig(query_view="randcls", key_view="sim_cifar")) == ("randcls", "sim_cifar")
     with pytest.raises(ConfigError, match="data.key_view: must be one of crop_flip, randaugment"):
         tiny_config("data.key_view=simclr")
