@@ -11,8 +11,8 @@ if [ "${1:-}" = "--runtime" ]; then EXTRAS=""; fi
 
 # Fashion-MNIST IDX files (the embedded default); OpenCV and libjpeg-turbo headers that FFCV builds against.
 APT_PACKAGES=(dataset-fashion-mnist libopencv-dev libturbojpeg0-dev pkg-config)
-# the tests also use rsync (the cluster launcher's file sync, checked offline)
-if [ -n "$EXTRAS" ]; then APT_PACKAGES+=(rsync); fi
+# the tests also use rsync (the cluster launcher's file sync, checked offline) and a real Prometheus
+if [ -n "$EXTRAS" ]; then APT_PACKAGES+=(rsync prometheus); fi
 PYTHON=${PYTHON:-python3.11}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

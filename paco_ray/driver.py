@@ -103,6 +103,7 @@ def environ(**values: str):
 
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's wait for a worker group's nodes
+STATE_TRACKING_ENV = "RAY_TRAIN_ENABLE_STATE_TRACKING"  # Ray Train V2 shows its runs on the dashboard's Train page
 NO_LIMIT_S = 10 ** 9
 
 
@@ -144,7 +145,8 @@ def run_trainer(loop: Callable[[dict], None], cfg: TrainConfig, *, name: str, st
             worker_runtime_env={"env_vars": kill_plan.env()} if kill_plan else None,
             callbacks=[*(callbacks or []), waiting]),
     )
-    with environ(**{START_TIMEOUT_ENV: f"{cfg.node_wait_s or NO_LIMIT_S:g}"}):
+    with environ(**{START_TIMEOUT_ENV: f"{cfg.node_wait_s or NO_LIMIT_S:g}",
+                    STATE_TRACKING_ENV: os.environ.get(STATE_TRACKING_ENV, "1")}):
         return trainer.fit()
 
 

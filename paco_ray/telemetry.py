@@ -33,6 +33,7 @@ GAUGES = {
     "val_many": ("paco_val_many", "validation accuracy of many-shot classes (%)"),
     "val_medium": ("paco_val_medium", "validation accuracy of medium-shot classes (%)"),
     "val_few": ("paco_val_few", "validation accuracy of few-shot classes (%)"),
+    "skipped_steps": ("paco_skipped_steps", "steps of the last epoch skipped for a non-finite loss or gradient"),
 }
 TAG_KEYS = ("trial", "worker")
 

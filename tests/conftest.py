@@ -160,6 +160,7 @@ def ray_cluster(tmp_path_factory, s3):
     home = tmp_path_factory.mktemp("home")
     saved = {k: os.environ.get(k) for k in ("HOME", "RAY_TRAIN_V2_ENABLED")}
     os.environ["HOME"] = str(home)
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # workers' gauges reach the exporter within 1 s
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
              configure_logging=False, log_to_driver=False)
     yield ray

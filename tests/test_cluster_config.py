@@ -44,15 +44,15 @@ def test_nodes_install_the_project_as_the_readme_does(cluster):
     assert cluster["file_mounts"]["~/paco_ray"] == "."
     ray_pin = pins()["ray[train,tune,default]"]
     assert cluster["docker"]["image"].startswith(f"rayproject/ray:{ray_pin}-py311")  # same Ray, Python 3.11
-    starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
-    assert all("~/paco_ray/.venv/bin/ray" in c for c in starts)  # Ray from the pinned .venv
+    starts = [c for c in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"] if "ray " in c]
+    assert len(starts) == 4 and all("~/paco_ray/.venv/bin/ray" in c for c in starts)  # Ray from the pinned .venv
 
 
 def test_dashboard_stays_local_and_token_auth_is_on(cluster):
     head = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in yaml.safe_dump(cluster)
     for command in cluster["head_start_ray_commands"][1:] + cluster["worker_start_ray_commands"][1:]:
-        assert "RAY_AUTH_MODE=token" in command
+        assert "RAY_AUTH_MODE=token" in command or "paco_ray.monitoring" in command
     assert "-e RAY_AUTH_MODE=token" in cluster["docker"]["run_options"]
     assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # one token for all nodes
 
@@ -135,3 +135,34 @@ def test_images_and_worker_profiles_are_checked_offline(cluster, tmp_path):
     (problem,) = node_problems(no_profile, bucket=True)
     assert problem.startswith("available_node_types.gpu_large.node_config: no IamInstanceProfile")
     assert node_problems(no_profile, bucket=False) == []  # data and results not in a bucket: not needed
+
+
+def test_the_head_serves_prometheus_and_grafana_to_the_dashboard_on_loopback(cluster):
+    start = " ".join(cluster["head_start_ray_commands"])
+    for variable in ("RAY_PROMETHEUS_HOST=http://127.0.0.1:9090", "RAY_GRAFANA_HOST=http://127.0.0.1:3000",
+                     "RAY_GRAFANA_IFRAME_HOST=http://127.0.0.1:3000"):
+        assert variable in start
+    assert start.index("ray start --head") < start.index("paco_ray.monitoring start")  # Ray writes their configs first
+    setup = " ".join(cluster["head_setup_commands"])
+    assert "prometheus-2." in setup and "grafana-" in setup
+
+
+def test_monitoring_binds_loopback_and_makes_a_private_admin_password(tmp_path, monkeypatch):
+    import stat
+
+    from paco_ray import monitoring
+
+    password = monitoring.admin_password_file(tmp_path / "pw")
+    assert stat.S_IMODE(password.stat().st_mode) == 0o600 and len(password.read_text()) >= 24
+    assert monitoring.admin_password_file(tmp_path / "pw").read_text() == password.read_text()  # made once
+    calls = []
+    monkeypatch.setattr(monitoring.subprocess, "Popen", lambda args, **kw: calls.append((args, kw.get("env"))))
+    session = tmp_path / "session"
+    (session / "metrics" / "prometheus").mkdir(parents=True)
+    (session / "metrics" / "prometheus" / "prometheus.yml").write_text("scrape_configs: []\n")
+    monitoring.start_prometheus("prometheus", session, 9090, tmp_path / "data")
+    monitoring.start_grafana(tmp_path / "grafana", session, 3000, tmp_path / "pw")
+    (prometheus, _), (grafana, env) = calls
+    assert "--web.listen-address=127.0.0.1:9090" in prometheus
+    assert env["GF_SERVER_HTTP_ADDR"] == "127.0.0.1" and env["GF_SECURITY_ADMIN_PASSWORD__FILE"] == str(tmp_path / "pw")
+    assert "admin" not in env.get("GF_SECURITY_ADMIN_PASSWORD", "")
