@@ -33,3 +33,24 @@ def test_gpu_check_runs_without_ray_ffcv_or_tensorboardx():
     done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "bare path ok" in done.stdout
+
+
+def test_the_ray_wheel_for_the_gpu_machine_loses_its_jars_and_their_record_lines(tmp_path):
+    import zipfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_stack import strip_jars
+
+    source = tmp_path / "ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl"
+    with zipfile.ZipFile(source, "w") as wheel:
+        wheel.writestr("ray/__init__.py", "x = 1\n")
+        wheel.writestr("ray/jars/ray_dist.jar", b"\0" * 4096)
+        wheel.writestr("ray-2.60.0.dist-info/RECORD",
+                       "ray/__init__.py,sha256=a,6\nray/jars/ray_dist.jar,sha256=b,4096\nray-2.60.0.dist-info/RECORD,,\n")
+    target = tmp_path / "stripped" / source.name
+    target.parent.mkdir()
+    assert strip_jars(source, target) == 1
+    with zipfile.ZipFile(target) as wheel:
+        assert wheel.namelist() == ["ray/__init__.py", "ray-2.60.0.dist-info/RECORD"]
+        assert wheel.read("ray/__init__.py") == b"x = 1\n"
+        assert "jars" not in wheel.read("ray-2.60.0.dist-info/RECORD").decode()
