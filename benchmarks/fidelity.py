@@ -90,6 +90,16 @@ def tune_one(loss: str, factor: float, args) -> list[str]:
     return [f"{key}={chosen[key]}" for key in searched_keys(SEARCH[loss])]
 
 
+def recorded_winner(runs_path: Path, loss: str, factor: float) -> list[str]:
+    """A loss's winner as its finished runs recorded it (their overrides past the recipe's)."""
+    runs = json.loads(runs_path.read_text()) if runs_path.exists() else []
+    mine = [r for r in runs if r["name"] == loss and r["imbalance_factor"] == factor]
+    if not mine:
+        raise SystemExit(f"error: no recorded {loss} runs at IF {factor:g} in {runs_path}; run it with --losses {loss}")
+    keys = searched_keys(SEARCH[loss])
+    return [o for o in mine[0]["overrides"] if o.split("=", 1)[0] in keys]
+
+
 def searched_keys(tree: dict, prefix: str = "") -> list[str]:
     """The dotted keys of a search tree: {"paco": {"alpha": {"loguniform": ...}}} -> ["paco.alpha"]."""
     keys = []
@@ -140,6 +150,8 @@ def main() -> None:
     parser.add_argument("--ablation-seeds", type=int, default=1, help="seeds per ablation (0: none)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "fidelity"))
     parser.add_argument("--quick", action="store_true", help="IF 100, 2 trials of 2 epochs, 1 seed of 2 epochs")
+    parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES),
+                        help="tune and retrain these losses; the others' winners and runs are read from runs.json")
     args = parser.parse_args()
     if args.quick:
         args.imbalance_factors, args.trials, args.tune_epochs, args.grace, args.epochs, args.seeds = [100.0], 2, 2, 1, 2, 1
@@ -154,11 +166,12 @@ def main() -> None:
     winners: dict = {}
     for factor in args.imbalance_factors:
         for loss in LOSSES:
-            winners[(loss, factor)] = tune_one(loss, factor, args)
+            winners[(loss, factor)] = tune_one(loss, factor, args) if loss in args.losses else \
+                recorded_winner(runs_path, loss, factor)
             print(f"IF {factor:g} {loss} winner: {' '.join(winners[(loss, factor)])}", flush=True)
         jobs = [job(loss, loss, factor, seed, winners[(loss, factor)], args)
-                for seed in range(args.seeds) for loss in LOSSES]
-        if factor == 100:
+                for seed in range(args.seeds) for loss in args.losses]
+        if factor == 100 and "paco" in args.losses:
             jobs += [job(name, "paco", factor, seed, [*winners[("paco", factor)], *extra], args)
                      for seed in range(args.ablation_seeds) for name, extra in ABLATIONS.items()]
         runs = run_jobs(jobs, runs_path, args.parallel)
