@@ -1,4 +1,4 @@
-"""Images/s of the views' photometric ops image by image (``augment.photometric``: timm's
+"""Images/s of the views' photometric ops image by image (``reference_augment.photometric``: timm's
 RandAugment on PIL, torchvision's ops on tensors; the reference) against the batched
 implementation the loaders run (``augment.batched_photometric``), batch 128 of uint8 RGB images,
 on the CPU and on CUDA when present.
@@ -24,7 +24,8 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paco_ray.config import DataConfig  # noqa: E402
-from paco_ray.data.augment import batched_photometric, photometric  # noqa: E402
+from paco_ray.data.augment import batched_photometric  # noqa: E402
+from paco_ray.data.reference_augment import photometric  # noqa: E402
 
 FILL = (124, 116, 104)  # ImageNet's mean colour
 CASES = [("randaugment", 32), ("randaugment", 224), ("autoaugment_cutout", 32), ("sim_cifar", 32),

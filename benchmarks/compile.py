@@ -26,7 +26,7 @@ os.environ["TRITON_CACHE_DIR"] = os.path.join(_CACHE, "triton")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from paco_ray.host import keep_freed_memory  # noqa: E402
+from paco_ray.cpu_allocator import keep_freed_memory  # noqa: E402
 from step import GPU_SETUPS, SETUPS, make_step  # noqa: E402
 from timing import device_args, timed  # noqa: E402
 

@@ -35,13 +35,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paco_ray.checkpoint import load_state  # noqa: E402
 from paco_ray.config import DataConfig, load_config  # noqa: E402
-from paco_ray.data.augment import batched_photometric, photometric  # noqa: E402
+from paco_ray.data.augment import batched_photometric  # noqa: E402
+from paco_ray.data.reference_augment import photometric  # noqa: E402
 from paco_ray.data.loaders import build_loaders  # noqa: E402
 from paco_ray.data.prepared import PreparedDataset  # noqa: E402
 from paco_ray.data.idx import write_idx  # noqa: E402
 from paco_ray.losses import paco_loss  # noqa: E402
 from paco_ray.session import LocalSession  # noqa: E402
-from paco_ray.train import log_class_prior, train, train_one_epoch  # noqa: E402
+from paco_ray.checkpoint import TrainingState  # noqa: E402
+from paco_ray.loop import log_class_prior, train, train_one_epoch  # noqa: E402
 from paco_ray.model import PaCoModel  # noqa: E402
 from paco_ray.optim import build_optimizer  # noqa: E402
 from augment import images as random_images, rate  # noqa: E402
@@ -172,9 +174,10 @@ def no_sync_check(device: torch.device, data_path: Path) -> tuple[bool, str]:
     optimizer, scheduler = build_optimizer(model, cfg.optim, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     prior = log_class_prior(data.classes, device)
-    train_one_epoch(cfg, model, loaders.loaders, optimizer, scheduler, scaler, prior, 0, steps, 0)  # warm-up
+    state = TrainingState(model, optimizer, scheduler, scaler)
+    train_one_epoch(cfg, state, loaders.loaders, prior, 0)  # warm-up
     try:
-        stats = train_one_epoch(cfg, model, loaders, optimizer, scheduler, scaler, prior, 1, steps, 0)
+        stats = train_one_epoch(cfg, state, loaders, prior, 1)
     except RuntimeError as err:
         return False, f"a sync in step {loaders.batches}: {str(err).splitlines()[0]}"
     mode = "sync debug mode 'error'" if device.type == "cuda" else "(no CUDA: not checked)"

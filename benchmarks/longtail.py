@@ -34,7 +34,7 @@ def run_one(job: dict) -> dict:
     from paco_ray.config import load_config
     from paco_ray.evaluate import evaluate_checkpoint
     from paco_ray.session import LocalSession
-    from paco_ray.train import train
+    from paco_ray.loop import train
     from pipelines.default_data import with_prepared_data
 
     torch.set_num_threads(1)

@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paco_ray.config import load_config  # noqa: E402
 from paco_ray.session import LocalSession  # noqa: E402
-from paco_ray.train import fit, train  # noqa: E402
+from paco_ray.loop import train  # noqa: E402
+from paco_ray.train import fit  # noqa: E402
 from pipelines.default_data import with_prepared_data  # noqa: E402
 
 

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paco_ray.config import load_config  # noqa: E402
-from paco_ray.host import keep_freed_memory  # noqa: E402
+from paco_ray.cpu_allocator import keep_freed_memory  # noqa: E402
 from paco_ray.losses import compute_loss  # noqa: E402
 from paco_ray.model import PaCoModel  # noqa: E402
 from timing import device_args, timed  # noqa: E402

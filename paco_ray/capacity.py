@@ -28,7 +28,7 @@ MONITORS = ("autoscaler/_private/monitor.py", "autoscaler/v2/monitor.py")
 EPS = 1e-9
 
 
-def fmt(resources: dict[str, float]) -> str:
+def format_resources(resources: dict[str, float]) -> str:
     """``{GPU: 1, CPU: 8}``: accelerators first, then CPU, then the rest."""
     order = sorted((r for r in resources if not r.startswith("node:")), key=lambda r: (r != "GPU", r != "CPU", r))
     return "{" + ", ".join(f"{r}: {resources[r]:g}" for r in order) + "}"
@@ -53,7 +53,7 @@ class NodeKind:
         return held
 
     def describe(self) -> str:
-        shape = "(resources not declared)" if self.resources is None else fmt(self.resources)
+        shape = "(resources not declared)" if self.resources is None else format_resources(self.resources)
         if self.most == self.up:
             return f"{self.name} {shape}" + (f" x {self.up}" if self.up > 1 else "")
         most = "no limit" if math.isinf(self.most) else f"up to {self.most:g}"
@@ -119,21 +119,22 @@ class Capacity:
             known = [k.resources for k in self.kinds if k.resources is not None]
             short = [r for r, a in bundle.items() if a > max((res.get(r, 0.0) for res in known), default=0) + EPS]
             what = " and ".join(short) if short else " and ".join(bundle) + " together"
-            return f"workers: one worker needs {fmt(bundle)} but no {self.what} has that much {what}: {self.kinds_text()}"
+            return (f"workers: one worker needs {format_resources(bundle)} but no {self.what} has that much "
+                    f"{what}: {self.kinds_text()}")
         if strategy == "STRICT_SPREAD":
             nodes = self.nodes_holding(bundle)
             if workers > nodes:
                 return (f"placement_strategy: STRICT_SPREAD puts each of the {workers} workers on its own node but "
                         f"the cluster {'may have' if self.autoscaling else 'has'} {nodes:g} that hold one "
-                        f"({fmt(bundle)}): {self.kinds_text()}")
+                        f"({format_resources(bundle)}): {self.kinds_text()}")
         elif strategy == "STRICT_PACK":
             most = max((k.copies(bundle) for k in self.kinds if k.most >= 1), default=0)
             if workers > most:
                 return (f"placement_strategy: STRICT_PACK puts all {workers} workers on one node but no {self.what} "
-                        f"holds more than {most:g} of {fmt(bundle)}: {self.kinds_text()}")
+                        f"holds more than {most:g} of {format_resources(bundle)}: {self.kinds_text()}")
         slots = self.slots(bundle)
         if workers > slots:
-            return (f"workers: {workers} workers x {fmt(bundle)} exceed what the cluster can "
+            return (f"workers: {workers} workers x {format_resources(bundle)} exceed what the cluster can "
                     f"{'ever ' if self.autoscaling else ''}hold ({slots:g}): {self.kinds_text()}")
         return None
 

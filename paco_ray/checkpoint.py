@@ -1,32 +1,48 @@
 """Full training state on disk: one ``state.pt`` per checkpoint directory, written atomically and
-read back with ``torch.load(weights_only=True)``; and the checks that decide whether a run may
-resume from one (``restore_training``)."""
+read back with ``torch.load(weights_only=True)``; and the resume policy, the checks that decide
+whether a run may resume from one (``RESUME_MAY_CHANGE``, ``resume_conflict``, ``TrainingState.restore``)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .config import resume_conflict
-from .errors import InputError
-from .schema import ConfigError
+from .config import DefaultDataConfig, TrainConfig
+from .errors import CheckpointError
+from .run_folder import STATE_FILE
+from .schema import ConfigError, differences
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
     from .data.longtail import ClassInfo
 
-STATE_FILE = "state.pt"
+__all__ = ["CheckpointError", "STATE_FILE", "TrainingState", "save_state", "load_state", "load_model_weights",
+           "resume_conflict", "RESUME_MAY_CHANGE"]
+
 REQUIRED_KEYS = ("config", "classes", "epoch", "model")
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng")  # beyond what every checkpoint has
+# What may change between a checkpoint and the run that resumes from it: resources, I/O, logging.
+RESUME_MAY_CHANGE = {"workers", "cpus_per_worker", "use_gpu", "amp", "amp_dtype", "storage_path", "name",
+                     "keep_checkpoints", "max_failures", "node_wait_s", "log_level", "placement_strategy",
+                     "skip_nonfinite", "compile", "progress_every_s",
+                     "resume_override", "data.num_workers", "data.eval_batch_size", "data.stage_dir",
+                     *(f"default_data.{f.name}" for f in dataclasses.fields(DefaultDataConfig))}
 
 
-class CheckpointError(InputError):
-    """A checkpoint that cannot be used; the message names the file."""
+def resume_conflict(saved: dict[str, Any], cfg: TrainConfig) -> str | None:
+    """The first training setting in which ``cfg`` differs from a checkpoint's config, as
+    ``key (checkpoint value vs this run's)``; None when resuming would continue the same run."""
+    theirs = TrainConfig.from_dict(saved).to_dict()
+    for key, mine, saved_value in differences(cfg.to_dict(), theirs):
+        if key not in RESUME_MAY_CHANGE:
+            return f"{key} ({saved_value!r} in the checkpoint vs {mine!r})"
+    return None
 
 
 def save_state(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -125,15 +141,7 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def training_state(cfg: "TrainConfig", classes: "ClassInfo", epoch: int, model: torch.nn.Module, optimizer,
-                   scheduler, scaler, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Everything a run needs to continue bit-identically after ``epoch`` (``model`` unwrapped)."""
-    return {"config": cfg.to_dict(), "classes": classes.to_dict(), "epoch": epoch, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng_states(), "metrics": metrics}
-
-
-def load_model_weights(model: torch.nn.Module, state: dict[str, Any], cfg: "TrainConfig", num_classes: int) -> None:
+def load_model_weights(model: torch.nn.Module, state: dict[str, Any], cfg: TrainConfig, num_classes: int) -> None:
     """``state["model"]`` into ``model`` (unwrapped), or a one-line CheckpointError saying why not."""
     try:
         model.load_state_dict(state["model"])
@@ -143,27 +151,52 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, Any], cfg: "Trai
                               f"{num_classes} classes): {first}") from None
 
 
-def restore_training(state: dict[str, Any], cfg: "TrainConfig", classes: "ClassInfo", model: torch.nn.Module,
-                     optimizer, scheduler, scaler) -> int:
-    """Check that ``state`` continues the run ``cfg`` describes, load it into model (unwrapped),
-    optimizer, scheduler, scaler and the RNGs, and return the epoch to start from."""
-    try:
-        conflict = resume_conflict(state["config"], cfg)
-    except ConfigError as err:
-        raise CheckpointError(f"checkpoint config is not valid here: {err}") from None
-    if conflict and not cfg.resume_override:
-        raise CheckpointError(f"checkpoint was trained with other settings: {conflict}; "
-                              "set resume_override: true to resume from it anyway")
-    missing = [key for key in RESUME_KEYS if key not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint lacks {', '.join(missing)}, needed to resume training")
-    saved_classes = len(state["classes"].get("names", ()))
-    if saved_classes != classes.num_classes:
-        raise CheckpointError(f"checkpoint has {saved_classes} classes but the dataset {cfg.data.path} "
-                              f"has {classes.num_classes}")
-    load_model_weights(model, state, cfg, classes.num_classes)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    set_rng_states(state["rng"])
-    return state["epoch"]
+@dataclass
+class TrainingState:
+    """What a training step changes and a checkpoint saves, travelling together: the model (DDP-
+    wrapped on Ray workers), its optimizer, the learning-rate schedule and the gradient scaler."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model without its DDP wrapper."""
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def to_checkpoint(self, cfg: TrainConfig, classes: "ClassInfo", epoch: int,
+                      metrics: dict[str, Any]) -> dict[str, Any]:
+        """Everything a run needs to continue bit-identically after ``epoch``."""
+        return {"config": cfg.to_dict(), "classes": classes.to_dict(), "epoch": epoch,
+                "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_states(),
+                "metrics": metrics}
+
+    def restore(self, state: dict[str, Any], cfg: TrainConfig, classes: "ClassInfo") -> int:
+        """Check that ``state`` continues the run ``cfg`` describes, load it (and the RNGs), and
+        return the epoch to start from."""
+        try:
+            conflict = resume_conflict(state["config"], cfg)
+        except ConfigError as err:
+            raise CheckpointError(f"checkpoint config is not valid here: {err}") from None
+        if conflict and not cfg.resume_override:
+            raise CheckpointError(f"checkpoint was trained with other settings: {conflict}; "
+                                  "set resume_override: true to resume from it anyway")
+        missing = [key for key in RESUME_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(f"checkpoint lacks {', '.join(missing)}, needed to resume training")
+        saved_classes = len(state["classes"].get("names", ()))
+        if saved_classes != classes.num_classes:
+            raise CheckpointError(f"checkpoint has {saved_classes} classes but the dataset {cfg.data.path} "
+                                  f"has {classes.num_classes}")
+        load_model_weights(self.module, state, cfg, classes.num_classes)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"])
+        return state["epoch"]

@@ -12,15 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .schema import ConfigError, apply_overrides, flatten, from_mapping, read_yaml_mapping
+from .migrations import DEFAULT_DATASET, upgrade_renamed_keys
+from .schema import ConfigError, apply_overrides, check, from_mapping, read_yaml_mapping
 from .storage import absolute_storage, check_no_credentials
 
-__all__ = ["ConfigError", "TrainConfig", "DataConfig", "DefaultDataConfig", "load_config", "resume_conflict"]
+__all__ = ["ConfigError", "TrainConfig", "DataConfig", "DefaultDataConfig", "load_config"]
 
-LOSSES = ("paco", "gpaco", "balanced_softmax", "ce")
-LOADERS = ("ffcv", "torch")
-AUGMENTS = ("small", "imagenet")
-VIEWS = ("crop_flip", "randaugment", "randcls", "randclsstack", "autoaugment_cutout", "sim", "sim_cifar")  # data/augment.py
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK")
 
 
@@ -35,7 +32,7 @@ class DataConfig:
     augment: str = "small"  # small: pad-crop + flip | imagenet: resized crop + flip, colour on the key view
     image_size: int = 0  # training crop size; 0: the stored size (small family only)
     crop_padding: int = 2
-    query_view: str = "crop_flip"  # a recipe of paco_ray.data.augment.VIEWS; "": 0.1's choice (randaugment if randaugment_ops)
+    query_view: str = "crop_flip"  # one of paco_ray.data.augment.VIEWS; "": 0.1's choice (randaugment if randaugment_ops)
     key_view: str = "crop_flip"  # "": 0.1's choice (sim for the imagenet family, crop_flip for small)
     randaugment_ops: int = 0  # timm RandAugment n (views randaugment, randcls); 0 = off
     randaugment_magnitude: int = 10  # m on timm's 0-10 scale (10: shear 0.3, rotate 30 degrees)
@@ -58,7 +55,7 @@ class DefaultDataConfig:
 class ModelConfig:
     backbone: str = "resnet_small28"
     proj_dim: int = 64
-    projector: str = ""  # model.PROJECTORS: mlp | mlp_bn | gpaco_mlp; empty: the loss's published head (PUBLISHED_HEADS)
+    projector: str = ""  # model.PROJECTORS: mlp | mlp_bn | gpaco_mlp; empty: the loss's published head (losses.LOSSES)
     pretrained: str = ""  # weights file (.pth or .safetensors; path or URI) loaded into the backbone, classifier excluded
     trainable: str = "all"  # model.TRAINABLE: all | last_block (the official Places-LT fine-tuning: convolutions
     #                         of the query encoder frozen but its last residual block's; BN, projector, classifier train)
@@ -118,7 +115,10 @@ class TrainConfig:
 
     @property
     def contrastive(self) -> bool:
-        return self.loss in ("paco", "gpaco")
+        """Whether the loss trains on a key view (losses.LOSSES names where its keys come from)."""
+        from .losses import LOSSES
+
+        return LOSSES[self.loss].keys is not None
 
     @property
     def run_name(self) -> str:
@@ -136,153 +136,104 @@ class TrainConfig:
         return cfg
 
 
-DEFAULT_DATASET = "fashion_mnist_lt"
-# Keys that moved in 0.2, still read (with a warning from load_config) until 0.3.
-RENAMED_KEYS = {f"data.{key}": f"default_data.{key}"
-                for key in ("root", "imbalance_factor", "max_per_class", "val_per_class", "cache_dir")}
-
-
-def upgrade_renamed_keys(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """``raw`` with renamed keys moved to their new place, and one deprecation line per old key.
-    ``data.dataset`` is dropped: its only value was the embedded default."""
-    data = raw.get("data")
-    if not isinstance(data, dict) or not any(f"data.{k}" in RENAMED_KEYS or k == "dataset" for k in data):
-        return raw, []
-    raw, data, notes = dict(raw), dict(data), []
-    if not isinstance(raw.get("default_data") or {}, dict):
-        raise ConfigError(f"default_data: expected a mapping, got {raw['default_data']!r}")
-    if "dataset" in data:
-        value = data.pop("dataset")
-        if value != DEFAULT_DATASET:
-            raise ConfigError(f"data.dataset: must be {DEFAULT_DATASET} (other datasets: prepare one with "
-                              f"python -m pipelines... and set data.path), got {value!r}")
-        notes.append("data.dataset is deprecated and ignored (an empty data.path means the embedded default)")
-    for old, new in RENAMED_KEYS.items():
-        key = old.split(".", 1)[1]
-        if key in data:
-            raw["default_data"] = {**(raw.get("default_data") or {}), key: data.pop(key)}
-            notes.append(f"{old} is deprecated; use {new}")
-    raw["data"] = data
-    return raw, notes
-
-
-def _check(ok: bool, key: str, message: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}, got {value!r}")
-
-
 def validate(cfg: TrainConfig) -> None:
-    """Reject values that cannot train; each message names the key."""
-    _check(cfg.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}", cfg.loss)
-    _check(cfg.workers >= 1, "workers", "must be >= 1", cfg.workers)
-    _check(cfg.cpus_per_worker > 0, "cpus_per_worker", "must be > 0", cfg.cpus_per_worker)
-    _check(cfg.amp_dtype in ("bfloat16", "float16"), "amp_dtype", "must be bfloat16 or float16", cfg.amp_dtype)
-    _check(cfg.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
+    """Reject values that cannot train; each message names the key. A key naming a component's
+    choice is checked against that component's own list (losses.LOSSES, data.loaders.LOADERS, ...)."""
+    from .losses import LOSSES
+
+    check(cfg.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}", cfg.loss)
+    check(cfg.workers >= 1, "workers", "must be >= 1", cfg.workers)
+    check(cfg.cpus_per_worker > 0, "cpus_per_worker", "must be > 0", cfg.cpus_per_worker)
+    check(cfg.amp_dtype in ("bfloat16", "float16"), "amp_dtype", "must be bfloat16 or float16", cfg.amp_dtype)
+    check(cfg.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
            "must be DEBUG, INFO, WARNING or ERROR", cfg.log_level)
-    _check(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", cfg.keep_checkpoints)
-    _check(cfg.max_failures >= -1, "max_failures", "must be >= -1 (-1: retry forever)", cfg.max_failures)
-    _check(cfg.node_wait_s >= 0, "node_wait_s", "must be >= 0 (0: wait without limit)", cfg.node_wait_s)
-    _check(cfg.placement_strategy in PLACEMENTS, "placement_strategy", f"must be one of {', '.join(PLACEMENTS)}",
+    check(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", cfg.keep_checkpoints)
+    check(cfg.max_failures >= -1, "max_failures", "must be >= -1 (-1: retry forever)", cfg.max_failures)
+    check(cfg.node_wait_s >= 0, "node_wait_s", "must be >= 0 (0: wait without limit)", cfg.node_wait_s)
+    check(cfg.placement_strategy in PLACEMENTS, "placement_strategy", f"must be one of {', '.join(PLACEMENTS)}",
            cfg.placement_strategy)
-    _check(bool(cfg.storage_path), "storage_path", "must not be empty", cfg.storage_path)
+    check(bool(cfg.storage_path), "storage_path", "must not be empty", cfg.storage_path)
     check_no_credentials("storage_path", cfg.storage_path)
     check_no_credentials("data.path", cfg.data.path)
-    _check("/" not in cfg.name, "name", "must not contain '/'", cfg.name)
+    check("/" not in cfg.name, "name", "must not contain '/'", cfg.name)
     _validate_data(cfg)
     _validate_model_and_optim(cfg)
 
 
 def _validate_data(cfg: TrainConfig) -> None:
+    from .data.augment import FAMILIES, RANDAUGMENT_VIEWS, VIEWS
+    from .data.loaders import LOADERS
+
     d = cfg.data
-    _check(d.loader in LOADERS, "data.loader", f"must be one of {', '.join(LOADERS)}", d.loader)
-    _check(d.augment in AUGMENTS, "data.augment", f"must be one of {', '.join(AUGMENTS)}", d.augment)
-    _check(d.image_size >= 0, "data.image_size", "must be >= 0", d.image_size)
-    _check(d.image_size > 0 or d.augment != "imagenet", "data.image_size", "must be > 0 with data.augment=imagenet",
+    check(d.loader in LOADERS, "data.loader", f"must be one of {', '.join(LOADERS)}", d.loader)
+    check(d.augment in FAMILIES, "data.augment", f"must be one of {', '.join(FAMILIES)}", d.augment)
+    check(d.image_size >= 0, "data.image_size", "must be >= 0", d.image_size)
+    check(d.image_size > 0 or d.augment != "imagenet", "data.image_size", "must be > 0 with data.augment=imagenet",
            d.image_size)
-    _check(d.batch_size >= 1, "data.batch_size", "must be >= 1", d.batch_size)
-    _check(d.batch_size % cfg.workers == 0, "data.batch_size",
+    check(d.batch_size >= 1, "data.batch_size", "must be >= 1", d.batch_size)
+    check(d.batch_size % cfg.workers == 0, "data.batch_size",
            f"must be divisible by workers={cfg.workers}", d.batch_size)
-    _check(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1", d.eval_batch_size)
-    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
-    _check(d.crop_padding >= 0, "data.crop_padding", "must be >= 0", d.crop_padding)
+    check(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1", d.eval_batch_size)
+    check(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
+    check(d.crop_padding >= 0, "data.crop_padding", "must be >= 0", d.crop_padding)
     for name in ("query_view", "key_view"):
         view = getattr(d, name)
-        _check(view in ("", *VIEWS), f"data.{name}", f"must be one of {', '.join(VIEWS)}", view)
-        _check(d.randaugment_ops > 0 or view not in ("randaugment", "randcls", "randclsstack"), "data.randaugment_ops",
+        check(view in ("", *VIEWS), f"data.{name}", f"must be one of {', '.join(VIEWS)}", view)
+        check(d.randaugment_ops > 0 or view not in RANDAUGMENT_VIEWS, "data.randaugment_ops",
                f"must be > 0 with data.{name}={view}", d.randaugment_ops)
-    _check(d.randaugment_ops >= 0, "data.randaugment_ops", "must be >= 0", d.randaugment_ops)
-    _check(0 <= d.randaugment_magnitude <= 10, "data.randaugment_magnitude", "must be in [0, 10] (timm's scale)",
+    check(d.randaugment_ops >= 0, "data.randaugment_ops", "must be >= 0", d.randaugment_ops)
+    check(0 <= d.randaugment_magnitude <= 10, "data.randaugment_magnitude", "must be in [0, 10] (timm's scale)",
            d.randaugment_magnitude)
-    _check(d.randaugment_std >= 0, "data.randaugment_std", "must be >= 0", d.randaugment_std)
-    _check(d.cutout >= 0, "data.cutout", "must be >= 0", d.cutout)
+    check(d.randaugment_std >= 0, "data.randaugment_std", "must be >= 0", d.randaugment_std)
+    check(d.cutout >= 0, "data.cutout", "must be >= 0", d.cutout)
 
     e = cfg.default_data
-    _check(e.imbalance_factor >= 1, "default_data.imbalance_factor", "must be >= 1", e.imbalance_factor)
-    _check(e.max_per_class >= 1, "default_data.max_per_class", "must be >= 1", e.max_per_class)
-    _check(e.val_per_class >= 1, "default_data.val_per_class", "must be >= 1", e.val_per_class)
+    check(e.imbalance_factor >= 1, "default_data.imbalance_factor", "must be >= 1", e.imbalance_factor)
+    check(e.max_per_class >= 1, "default_data.max_per_class", "must be >= 1", e.max_per_class)
+    check(e.val_per_class >= 1, "default_data.val_per_class", "must be >= 1", e.val_per_class)
 
 
 def _validate_model_and_optim(cfg: TrainConfig) -> None:
     from .backbones import BACKBONES, TIMM_PREFIX, timm_model_exists
+    from .model import PROJECTORS, TRAINABLE
+    from .optim import SCHEDULES
 
     m = cfg.model
     timm_name = m.backbone[len(TIMM_PREFIX):] if m.backbone.startswith(TIMM_PREFIX) else None
-    _check(m.backbone in BACKBONES or timm_name is not None, "model.backbone",
+    check(m.backbone in BACKBONES or timm_name is not None, "model.backbone",
            f"must be one of {', '.join(BACKBONES)}, or timm:<model name>", m.backbone)
-    _check(timm_name is None or timm_model_exists(timm_name), "model.backbone",
+    check(timm_name is None or timm_model_exists(timm_name), "model.backbone",
            "names no timm model (timm.list_models() lists them)", m.backbone)
-    _check(m.proj_dim >= 1, "model.proj_dim", "must be >= 1", m.proj_dim)
-    from .model import PROJECTORS, TRAINABLE
-
-    _check(m.projector in ("", *PROJECTORS), "model.projector", f"must be one of {', '.join(PROJECTORS)}",
+    check(m.proj_dim >= 1, "model.proj_dim", "must be >= 1", m.proj_dim)
+    check(m.projector in ("", *PROJECTORS), "model.projector", f"must be one of {', '.join(PROJECTORS)}",
            m.projector)
-    _check(m.trainable in TRAINABLE, "model.trainable", f"must be one of {', '.join(TRAINABLE)}", m.trainable)
-    _check(m.trainable == "all" or timm_name is None, "model.trainable",
+    check(m.trainable in TRAINABLE, "model.trainable", f"must be one of {', '.join(TRAINABLE)}", m.trainable)
+    check(m.trainable == "all" or timm_name is None, "model.trainable",
            "last_block needs a ResNet backbone of paco_ray or torchvision (not timm:)", m.trainable)
     check_no_credentials("model.pretrained", m.pretrained)
 
     p = cfg.paco
-    _check(p.alpha >= 0, "paco.alpha", "must be >= 0", p.alpha)
-    _check(p.beta >= 0, "paco.beta", "must be >= 0", p.beta)
-    _check(p.alpha > 0 or p.beta > 0, "paco.beta", "must be > 0 when paco.alpha is 0", p.beta)
-    _check(p.gamma >= 0, "paco.gamma", "must be >= 0", p.gamma)
-    _check(p.temperature > 0, "paco.temperature", "must be > 0", p.temperature)
-    _check(p.queue_size >= 1, "paco.queue_size", "must be >= 1", p.queue_size)
-    _check(0 <= p.momentum < 1, "paco.momentum", "must be in [0, 1)", p.momentum)
-    _check(0 <= p.smooth < 1, "paco.smooth", "must be in [0, 1)", p.smooth)
+    check(p.alpha >= 0, "paco.alpha", "must be >= 0", p.alpha)
+    check(p.beta >= 0, "paco.beta", "must be >= 0", p.beta)
+    check(p.alpha > 0 or p.beta > 0, "paco.beta", "must be > 0 when paco.alpha is 0", p.beta)
+    check(p.gamma >= 0, "paco.gamma", "must be >= 0", p.gamma)
+    check(p.temperature > 0, "paco.temperature", "must be > 0", p.temperature)
+    check(p.queue_size >= 1, "paco.queue_size", "must be >= 1", p.queue_size)
+    check(0 <= p.momentum < 1, "paco.momentum", "must be in [0, 1)", p.momentum)
+    check(0 <= p.smooth < 1, "paco.smooth", "must be in [0, 1)", p.smooth)
 
     o = cfg.optim
-    _check(o.epochs >= 1, "optim.epochs", "must be >= 1", o.epochs)
-    _check(o.lr > 0, "optim.lr", "must be > 0", o.lr)
-    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
-    _check(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)", o.momentum)
-    _check(o.momentum > 0 or not o.nesterov, "optim.nesterov", "needs optim.momentum > 0", o.nesterov)
-    _check(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", "must be in [0, optim.epochs)",
+    check(o.epochs >= 1, "optim.epochs", "must be >= 1", o.epochs)
+    check(o.lr > 0, "optim.lr", "must be > 0", o.lr)
+    check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
+    check(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)", o.momentum)
+    check(o.momentum > 0 or not o.nesterov, "optim.nesterov", "needs optim.momentum > 0", o.nesterov)
+    check(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", "must be in [0, optim.epochs)",
            o.warmup_epochs)
-    from .optim import SCHEDULES
-
-    _check(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {', '.join(SCHEDULES)}", o.schedule)
-    _check(list(o.milestones) == sorted(set(o.milestones)) and all(m >= 0 for m in o.milestones), "optim.milestones",
+    check(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {', '.join(SCHEDULES)}", o.schedule)
+    check(list(o.milestones) == sorted(set(o.milestones)) and all(m >= 0 for m in o.milestones), "optim.milestones",
            "must be increasing epochs >= 0", o.milestones)
-    _check(0 < o.gamma <= 1, "optim.gamma", "must be in (0, 1]", o.gamma)
-
-
-# What may change between a checkpoint and the run that resumes from it: resources, I/O, logging.
-RESUME_MAY_CHANGE = {"workers", "cpus_per_worker", "use_gpu", "amp", "amp_dtype", "storage_path", "name",
-                     "keep_checkpoints", "max_failures", "node_wait_s", "log_level", "placement_strategy", "skip_nonfinite",
-                     "compile", "progress_every_s",
-                     "resume_override", "data.num_workers", "data.eval_batch_size", "data.stage_dir",
-                     *(f"default_data.{f.name}" for f in dataclasses.fields(DefaultDataConfig))}
-
-
-def resume_conflict(saved: dict[str, Any], cfg: TrainConfig) -> str | None:
-    """The first training setting in which ``cfg`` differs from a checkpoint's config, as
-    ``key (checkpoint value vs this run's)``; None when resuming would continue the same run."""
-    theirs, mine = flatten(TrainConfig.from_dict(saved).to_dict()), flatten(cfg.to_dict())
-    for key in mine:
-        if key not in RESUME_MAY_CHANGE and theirs[key] != mine[key]:
-            return f"{key} ({theirs[key]!r} in the checkpoint vs {mine[key]!r})"
-    return None
+    check(0 < o.gamma <= 1, "optim.gamma", "must be in (0, 1]", o.gamma)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:

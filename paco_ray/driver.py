@@ -1,7 +1,7 @@
 """The Ray side of a run, shared by ``paco_ray.train`` and every ``paco_ray.tune`` trial: start
 Ray, check that the workers can ever be placed on the cluster (at its largest, where an
-autoscaler runs), run one ``TorchTrainer`` whose workers wait a bounded time for their nodes, pick
-its best checkpoint, and turn a failed run into one line."""
+autoscaler runs), run one ``TorchTrainer`` whose workers wait a bounded time for their nodes,
+evaluate a checkpoint on a node of the run's kind, and turn a failed run into one line."""
 from __future__ import annotations
 
 import contextlib
@@ -9,11 +9,13 @@ import os
 import sys
 from typing import Any, Callable
 
-from .capacity import Capacity, autoscaler_activity, autoscaler_report, fmt, read_capacity
+from .best_checkpoint import SELECTION_METRIC
+from .capacity import Capacity, autoscaler_activity, autoscaler_report, format_resources, read_capacity
 from .config import TrainConfig
-from .faults import KillPlan
-from .schema import ConfigError
 from .data.staging import STAGE_TIMEOUT_S
+from .faults import KillPlan
+from .run_folder import trial_id_of
+from .schema import ConfigError
 from .storage import is_uri
 
 # How Ray reports a worker whose process is gone (by name: some are internal to Ray Train)
@@ -108,7 +110,7 @@ NO_LIMIT_S = 10 ** 9
 
 
 def run_trainer(loop: Callable[[dict], None], cfg: TrainConfig, *, name: str, storage_path: str, keep: int,
-                metric: str = "val_balanced_acc", callbacks: list | None = None, autoscaling: bool = False):
+                metric: str = SELECTION_METRIC, callbacks: list | None = None, autoscaling: bool = False):
     """Run ``loop`` on ``cfg.workers`` Ray Train workers and return the Result; raises
     ``ray.train.TrainingFailedError`` once ``max_failures`` restarts are used up. The same
     ``name`` and ``storage_path`` resume from the run's last checkpoint. While the workers wait
@@ -119,10 +121,9 @@ def run_trainer(loop: Callable[[dict], None], cfg: TrainConfig, *, name: str, st
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .node_wait import WaitingLine
-    from .session import trial_label
 
     kill_plan = KillPlan.from_env(os.environ)
-    waiting = WaitingLine(cfg.workers, worker_resources(cfg), cfg.progress_every_s, autoscaling, trial_label(name))
+    waiting = WaitingLine(cfg.workers, worker_resources(cfg), cfg.progress_every_s, autoscaling, trial_id_of(name))
     # Workers stage a dataset in object storage before their first collective: the process group
     # waits longer than a node may stage, so a slow node ends in the staging error naming it.
     collective_timeout_s = 1800 + (STAGE_TIMEOUT_S if is_uri(cfg.data.path) else 0)
@@ -174,8 +175,8 @@ def failure_line(error: BaseException, cfg: TrainConfig | None = None) -> str:
     if not failures:
         cause = getattr(error, "controller_failure", error)
         if type(cause).__name__ == "WorkerGroupStartupTimeoutError" and cfg is not None:
-            return (f"the {cfg.workers} workers ({fmt(worker_resources(cfg))} each) were not placed within "
-                    f"node_wait_s={cfg.node_wait_s:g} s; {autoscaler_activity(autoscaler_report())}")
+            return (f"the {cfg.workers} workers ({format_resources(worker_resources(cfg))} each) were not placed "
+                    f"within node_wait_s={cfg.node_wait_s:g} s; {autoscaler_activity(autoscaler_report())}")
         return f"{type(cause).__name__}: {_first_line(cause)}"
     died = sorted(rank for rank, err in failures.items() if type(err).__name__ in WORKER_DEATHS)
     if died:

@@ -8,3 +8,7 @@ class InputError(ValueError):
 
 class MissingInputError(InputError, FileNotFoundError):
     """An input file or directory that does not exist; the message names it."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be used; the message names the file."""

@@ -1,5 +1,6 @@
-"""PaCo and GPaCo losses and the baselines they are compared with, and ``compute_loss``, the choice
-among them (``LOSSES``: the one list of loss names; adding a loss is an entry here and its test).
+"""PaCo and GPaCo losses and the baselines they are compared with, and ``LOSSES``: the one table
+of loss names, each with how it is computed from a forward pass, where its keys come from and its
+published projection head. Adding a loss is an entry here and its test.
 
 The losses take the classifier's center logits (B, C); Balanced Softmax, PaCo and GPaCo add the
 log class prior (C,); PaCo and GPaCo additionally take the projections and the queue.
@@ -7,33 +8,39 @@ log class prior (C,); PaCo and GPaCo additionally take the projections and the q
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from .config import PaCoConfig
-    from .model import PaCoOutput
+
+class Loss(NamedTuple):
+    """A training loss: ``compute(out, labels, log_prior, weights)`` of one forward pass (``out``:
+    model.PaCoOutput; ``weights``: alpha, beta, gamma, temperature, smooth); ``keys``: where its
+    key view's features come from ("momentum": MoCo's key encoder, "query": the query encoder with
+    gradient), None for a loss without a key view; ``head``: the projector its published code uses."""
+    compute: Callable[..., torch.Tensor]
+    keys: str | None = None
+    head: str = "mlp"
 
 
-LOSSES = ("paco", "gpaco", "balanced_softmax", "ce")
+LOSSES = {
+    "paco": Loss(lambda out, labels, log_prior, w: paco_loss(
+        out.q, out.k, out.queue_keys, labels, out.queue_labels, out.logits, log_prior, **w),
+        keys="momentum", head="mlp_bn"),
+    "gpaco": Loss(lambda out, labels, log_prior, w: gpaco_loss(
+        out.q, out.k, out.queue_keys, labels, out.queue_labels, out.logits, out.logits_k, log_prior, **w),
+        keys="query", head="gpaco_mlp"),
+    "balanced_softmax": Loss(lambda out, labels, log_prior, w: balanced_softmax(out.logits, labels, log_prior)),
+    "ce": Loss(lambda out, labels, log_prior, w: cross_entropy(out.logits, labels)),
+}
 
 
-def compute_loss(loss: str, out: "PaCoOutput", labels: torch.Tensor, log_prior: torch.Tensor,
-                 paco: "PaCoConfig") -> torch.Tensor:
-    """The training loss named ``loss`` (one of LOSSES) of one forward pass."""
+def compute_loss(loss: str, out, labels: torch.Tensor, log_prior: torch.Tensor, paco) -> torch.Tensor:
+    """The training loss named ``loss`` (a key of LOSSES) of one forward pass; ``paco``: the
+    config's PaCoConfig (its weights and temperature)."""
     weights = dict(alpha=paco.alpha, beta=paco.beta, gamma=paco.gamma, temperature=paco.temperature, smooth=paco.smooth)
-    if loss == "paco":
-        return paco_loss(out.q, out.k, out.queue_keys, labels, out.queue_labels, out.logits, log_prior, **weights)
-    if loss == "gpaco":
-        return gpaco_loss(out.q, out.k, out.queue_keys, labels, out.queue_labels, out.logits, out.logits_k,
-                          log_prior, **weights)
-    if loss == "balanced_softmax":
-        return balanced_softmax(out.logits, labels, log_prior)
-    if loss == "ce":
-        return cross_entropy(out.logits, labels)
-    raise ValueError(f"unknown loss {loss!r}")
+    return LOSSES[loss].compute(out, labels, log_prior, weights)
 
 
 def cross_entropy(center_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbones import build_backbone, load_pretrained
-
-# How a loss gets its keys: PaCo from a momentum encoder, GPaCo from the query encoder (with gradient,
-# as its published code does); None: no keys.
-KEY_SOURCES = {"paco": "momentum", "gpaco": "query", "balanced_softmax": None, "ce": None}
+from .losses import LOSSES
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
@@ -75,7 +72,6 @@ class PaCoOutput(NamedTuple):
 # The projection heads: ``mlp`` Linear-ReLU-Linear; ``mlp_bn`` Linear-BN-ReLU-Linear (the official
 # PaCo/MoCo head); ``gpaco_mlp`` Linear-ReLU-Linear-ReLU-Linear (the official GPaCo head, ``mlp`` in its builder).
 PROJECTORS = ("mlp", "mlp_bn", "gpaco_mlp")
-PUBLISHED_HEADS = {"paco": "mlp_bn", "gpaco": "gpaco_mlp"}  # model.projector "": the loss's own head
 # What trains: ``all``, or ``last_block``: the official Places-LT fine-tuning (paco_fp16_places.py),
 # every convolution frozen but those of the query encoder's last residual block.
 TRAINABLE = ("all", "last_block")
@@ -150,9 +146,10 @@ class PaCoModel(nn.Module):
     @classmethod
     def from_config(cls, cfg, num_classes: int, in_channels: int) -> "PaCoModel":
         """The model a training config describes (its loss decides the key source)."""
-        projector = cfg.model.projector or PUBLISHED_HEADS.get(cfg.loss, "mlp")
+        loss = LOSSES[cfg.loss]
+        projector = cfg.model.projector or loss.head  # "": the head of the loss's published code
         model = cls(cfg.model.backbone, num_classes, in_channels, cfg.model.proj_dim, cfg.paco.queue_size,
-                    cfg.paco.momentum, KEY_SOURCES[cfg.loss], projector, cfg.paco.shuffle_keys)
+                    cfg.paco.momentum, loss.keys, projector, cfg.paco.shuffle_keys)
         if cfg.model.pretrained:
             model.load_backbone(cfg.model.pretrained)
         if cfg.model.trainable == "last_block":

@@ -15,7 +15,7 @@ import time
 
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
-from .capacity import autoscaler_activity, autoscaler_report, fmt
+from .capacity import autoscaler_activity, autoscaler_report, format_resources
 from .progress import duration, labelled
 
 WAITING = ("SCHEDULING", "RESCHEDULING")  # controller states in which no worker group runs yet
@@ -25,16 +25,16 @@ DONE = ("RUNNING", "ERRORED", "FINISHED", "ABORTED", "SHUTTING_DOWN")
 def waiting_line(workers: int, bundle: dict[str, float], seconds: float, autoscaling: bool,
                  activity: str) -> str:
     what = "the autoscaler" if autoscaling else "resources"
-    return (f"waiting for {what}: {workers} x {fmt(bundle)} pending (0 of {workers} placed, "
+    return (f"waiting for {what}: {workers} x {format_resources(bundle)} pending (0 of {workers} placed, "
             f"{duration(seconds)}); {activity}")
 
 
 class WaitingLine(ControllerCallback):
     """A Train controller callback that prints ``waiting_line`` while the controller schedules."""
 
-    def __init__(self, workers: int, bundle: dict[str, float], every_s: float, autoscaling: bool, label: str = ""):
+    def __init__(self, workers: int, bundle: dict[str, float], every_s: float, autoscaling: bool, trial_id: str = ""):
         self.workers, self.bundle, self.every_s = workers, bundle, every_s
-        self.autoscaling, self.label = autoscaling, label
+        self.autoscaling, self.trial_id = autoscaling, trial_id
         self.since: float | None = None  # when the current wait began (None: not waiting)
 
     def __getstate__(self):  # travels to the controller before any thread exists
@@ -68,5 +68,5 @@ class WaitingLine(ControllerCallback):
                 printed = now
                 line = waiting_line(self.workers, self.bundle, now - since, self.autoscaling,
                                     autoscaler_activity(autoscaler_report()))
-                sys.stdout.write(labelled(self.label, line) + "\n")
+                sys.stdout.write(labelled(self.trial_id, line) + "\n")
                 sys.stdout.flush()

@@ -1,12 +1,18 @@
 """A training step that may be skipped without a trace, decided on the device (no host sync): its
 flag is set when the loss or any gradient is not finite on some rank, and a skipped step changes
 no weight, no optimizer state (``optim.skip_next_step_if``), no key encoder and no queue
-(``PaCoModel.end_step``) and, with ``BatchNormState``, no BatchNorm statistic."""
+(``PaCoModel.end_step``) and, with ``BatchNormState``, no BatchNorm statistic. The host reads the
+flags now and then: ``check_finite`` stops at the first such step, ``skipped_steps`` lists them."""
 from __future__ import annotations
+
+import logging
+import math
 
 import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .progress import LOGGER
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -44,3 +50,36 @@ class BatchNormState:
         skip = skipped.bool()
         for buffer, saved in zip(self.buffers, self.saved):
             buffer.copy_(torch.where(skip, saved, buffer))
+
+
+def step_position(epoch: int, step: int, steps_per_epoch: int) -> str:
+    """Where a step is, for people: ``epoch 2, step 5 (global step 105)``."""
+    return f"epoch {epoch + 1}, step {step} (global step {epoch * steps_per_epoch + step})"
+
+
+def nonfinite_steps(flags: list[torch.Tensor]) -> list[int]:
+    """The 1-based steps flagged non-finite (one host sync for all of them)."""
+    return (torch.stack(flags).cpu().nonzero().flatten() + 1).tolist() if flags else []
+
+
+def check_finite(flags: list[torch.Tensor], losses: list[torch.Tensor], epoch: int, steps_per_epoch: int) -> None:
+    """Stop, naming the first step whose loss (or, with a finite loss, a gradient) was not finite
+    on some rank."""
+    steps = nonfinite_steps(flags)
+    if steps:
+        value = losses[steps[0] - 1].item()
+        what = f"non-finite loss ({value})" if not math.isfinite(value) else f"non-finite gradient (loss {value:.4g})"
+        raise FloatingPointError(f"{what} at {step_position(epoch, steps[0], steps_per_epoch)}; "
+                                 "set skip_nonfinite: true to skip such steps")
+
+
+def skipped_steps(flags: list[torch.Tensor], epoch: int, steps_per_epoch: int) -> list[int]:
+    """The epoch's skipped steps, each with a warning line; an epoch with no step taken is an error."""
+    skipped = nonfinite_steps(flags)
+    for step in skipped:
+        logging.getLogger(LOGGER).warning(f"warning: skipped a step with a non-finite loss or gradient at "
+                                          f"{step_position(epoch, step, steps_per_epoch)}")
+    if len(skipped) == len(flags):
+        raise FloatingPointError(f"every step of epoch {epoch + 1} had a non-finite loss or gradient "
+                                 f"({len(skipped)} skipped)")
+    return skipped

@@ -44,9 +44,9 @@ def setup_logging(level: int | str = logging.INFO) -> logging.Logger:
     return logger
 
 
-def labelled(label: str, line: str) -> str:
-    """``[label] line`` (a Tune trial id first), or the line itself without a label."""
-    return f"[{label}] {line}" if label else line
+def labelled(trial_id: str, line: str) -> str:
+    """``[trial_id] line`` (a Tune trial's lines), or the line itself outside a search."""
+    return f"[{trial_id}] {line}" if trial_id else line
 
 
 def duration(seconds: float) -> str:
@@ -56,15 +56,15 @@ def duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-class Progress:
+class EpochProgress:
     """Every ``every_s`` seconds (0: never) of an epoch, one line: step/total, images/s, loss,
     lr and the epoch's ETA. Rate and ETA leave out the first step (it may compile pipelines and
     kernels). Looking at the clock is free; reading the loss waits for the device once per line,
-    not once per step. ``label`` (a Tune trial id) starts each line."""
+    not once per step. ``trial_id`` (of a Tune trial) starts each line."""
 
-    def __init__(self, every_s: float, epoch: int, epochs: int, steps: int, label: str = "",
+    def __init__(self, every_s: float, epoch: int, epochs: int, steps: int, trial_id: str = "",
                  clock: Callable[[], float] = time.monotonic, logger: logging.Logger | None = None):
-        self.every_s, self.epoch, self.epochs, self.steps, self.label = every_s, epoch, epochs, steps, label
+        self.every_s, self.epoch, self.epochs, self.steps, self.trial_id = every_s, epoch, epochs, steps, trial_id
         self.clock, self.logger = clock, logger or logging.getLogger(LOGGER)
         self.last = clock()
         self.first: tuple[float, int] | None = None  # (time, images) when the first step ended
@@ -81,13 +81,13 @@ class Progress:
             return False
         self.last = now
         elapsed = now - self.first[0]
-        self.logger.info(labelled(self.label, f"epoch {self.epoch + 1}/{self.epochs}  step {step}/{self.steps}  "
+        self.logger.info(labelled(self.trial_id, f"epoch {self.epoch + 1}/{self.epochs}  step {step}/{self.steps}  "
                          f"{(images - self.first[1]) / elapsed:.0f} img/s  loss {float(loss):.4f}  lr {lr:.3g}  "
                          f"ETA {duration(elapsed / (step - 1) * (self.steps - step))}"))
         return True
 
 
-def epoch_line(metrics: dict[str, Any], epochs: int, label: str = "") -> str:
+def epoch_line(metrics: dict[str, Any], epochs: int, trial_id: str = "") -> str:
     """``epoch 3/15  loss 0.41  val balanced 83.16  many 90.1  medium 80.2  few 70.3  (21.0 s, 560 img/s)``;
     top-1 appears as well where it differs from balanced accuracy (an imbalanced validation split)."""
     val = f"val balanced {metrics['val_balanced_acc']:.2f}"
@@ -96,5 +96,5 @@ def epoch_line(metrics: dict[str, Any], epochs: int, label: str = "") -> str:
     shots = "".join(f"  {g} {metrics[f'val_{g}']:.1f}" for g in ("many", "medium", "few")
                     if f"val_{g}" in metrics and metrics[f"val_{g}"] == metrics[f"val_{g}"])  # NaN: no class
     skipped = f"  skipped {metrics['skipped_steps']}" if metrics.get("skipped_steps") else ""
-    return labelled(label, f"epoch {metrics['epoch']}/{epochs}  loss {metrics['train_loss']:.4f}  {val}{shots}"
+    return labelled(trial_id, f"epoch {metrics['epoch']}/{epochs}  loss {metrics['train_loss']:.4f}  {val}{shots}"
                            f"{skipped}  ({metrics['epoch_time_s']:.1f} s, {metrics['images_per_s']:.0f} img/s)")

@@ -99,6 +99,45 @@ def field_type(cls: type, dotted: str, prefix: str = "") -> type:
     return cls
 
 
+def check(ok: bool, key: str, message: str, value: Any) -> None:
+    """The one validation step: unless ``ok``, ConfigError ``key: message, got value``."""
+    if not ok:
+        raise ConfigError(f"{key}: {message}, got {value!r}")
+
+
+class Missing:
+    """A key's value in ``differences`` where one side lacks the key."""
+
+    def __repr__(self) -> str:
+        return "(unset)"
+
+
+MISSING = Missing()
+
+
+def differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Every dotted key whose value differs between the nested mappings ``a`` and ``b``, as
+    (key, value in a, value in b), MISSING for a side without it; in ``a``'s key order, then the
+    keys only ``b`` has. Mappings on both sides are compared key by key, anything else as a value."""
+    found = []
+    for key in dict.fromkeys([*a, *b]):
+        mine, theirs = a.get(key, MISSING), b.get(key, MISSING)
+        if isinstance(mine, dict) and isinstance(theirs, dict) and (mine or theirs):
+            found += differences(mine, theirs, f"{prefix}{key}.")
+        elif (key in a, mine) != (key in b, theirs):
+            found.append((f"{prefix}{key}", mine, theirs))
+    return found
+
+
+def first_difference(a: Any, b: Any) -> str | None:
+    """The first dotted key in which ``a`` and ``b`` differ (``(top level)`` for unequal
+    non-mappings), or None."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return None if a == b else "(top level)"
+    found = differences(a, b)
+    return found[0][0] if found else None
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested mapping as ``{"dotted.key": value}``."""
     out: dict[str, Any] = {}

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError
 from .best_checkpoint import best_checkpoint
+from .errors import CheckpointError
 from .schema import flatten
 from .search_space import SearchSpace
-from .session import trial_run_name
+from .run_folder import trial_run_name
 from .storage import exists, filesystem, subdirectories
 
 STATUSES = ("completed", "stopped early", "error")
@@ -122,7 +122,7 @@ def unfinished_trials(statuses: list[str], space: SearchSpace) -> int:
     return max(0, space.trial_count() - sum(s in ("TERMINATED", "ERROR") for s in statuses))
 
 
-def fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "-" if value is None else str(value)
@@ -136,7 +136,7 @@ def format_trials(rows: list[TrialSummary], space: SearchSpace) -> str:
         f"{'epochs':>8}{space.scheduler.metric:>18}{'at epoch':>10}  status"
     lines = [header]
     for t in rows:
-        cells = "".join(f"{fmt(t.config.get(k)):>{w + 2}}" for k, w in zip(keys, widths))
+        cells = "".join(f"{format_value(t.config.get(k)):>{w + 2}}" for k, w in zip(keys, widths))
         best = "-" if math.isnan(t.best) else f"{t.best:.2f}"
         at = str(t.best_epoch) if t.best_epoch else "-"
         status = f"error ({t.error_path})" if t.status == "error" else t.status

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from .capacity import HEAD_RESOURCE
-from .config import TrainConfig, upgrade_renamed_keys
-from .schema import (NUMBER, ConfigError, apply_overrides, check_keys, coerce, field_type, flatten, from_mapping,
-                     read_yaml_mapping, set_dotted)
+from .config import TrainConfig
+from .migrations import upgrade_renamed_keys, upgrade_space
+from .schema import (NUMBER, ConfigError, apply_overrides, check, check_keys, coerce, field_type, flatten,
+                     from_mapping, read_yaml_mapping, set_dotted)
 from .storage import absolute_storage, check_no_credentials
 
 # primitive -> number of arguments (None: a non-empty list of values)
@@ -188,7 +189,7 @@ def parse(raw: Any, source: str = "search space") -> SearchSpace:
     depend on others (max_t 0, a relative storage path or data.path) are resolved here, once."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at top level")
-    raw = upgrade_space(raw)[0]
+    raw = upgrade_space(raw, Scheduler.metric)[0]
     check_keys(raw, TOP_LEVEL)
     base, base_cfg = _parse_base(raw.get("base"))
     scheduler = from_mapping(Scheduler, raw.get("scheduler"), "scheduler.")
@@ -208,19 +209,6 @@ def parse(raw: Any, source: str = "search space") -> SearchSpace:
     )
     _validate(space, base_cfg)
     return space
-
-
-def upgrade_space(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """``raw`` without keys dropped in 0.2, and one deprecation line per dropped key."""
-    scheduler = raw.get("scheduler")
-    if not isinstance(scheduler, dict) or "mode" not in scheduler:
-        return raw, []
-    scheduler = dict(scheduler)
-    mode = scheduler.pop("mode")
-    if mode != "max":
-        raise ConfigError(f"scheduler.mode: {scheduler.get('metric', Scheduler.metric)} is an accuracy and is "
-                          f"maximised, got {mode!r}")
-    return {**raw, "scheduler": scheduler}, ["scheduler.mode is deprecated and ignored (metrics are maximised)"]
 
 
 def _parse_base(base: Any) -> tuple[dict[str, Any], TrainConfig]:
@@ -271,43 +259,30 @@ def _parse_search(search_raw: Any) -> dict[str, tuple[str, Any]]:
 def _validate(space: SearchSpace, base_cfg: TrainConfig) -> None:
     """Check every value of a parsed space (changes nothing)."""
     s, r, c = space.scheduler, space.resources, space.checkpoints
-    if s.metric not in METRICS:
-        raise ConfigError(f"scheduler.metric: must be one of {', '.join(METRICS)} (validation split only), "
-                          f"got {s.metric!r}")
-    if not 1 <= s.max_t <= base_cfg.optim.epochs:
-        raise ConfigError(f"scheduler.max_t: must be in [1, base.optim.epochs={base_cfg.optim.epochs}] "
-                          f"(trial epochs; base.optim.epochs is the full budget), got {s.max_t}")
-    if not 1 <= s.grace_period <= s.max_t:
-        raise ConfigError(f"scheduler.grace_period: must be in [1, scheduler.max_t={s.max_t}], got {s.grace_period}")
-    if not s.reduction_factor > 1:
-        raise ConfigError(f"scheduler.reduction_factor: must be > 1, got {s.reduction_factor:g}")
-    if space.num_samples < 1:
-        raise ConfigError(f"num_samples: must be >= 1, got {space.num_samples}")
-    if space.search_alg not in SEARCH_ALGS:
-        raise ConfigError(f"search_alg: must be one of {', '.join(SEARCH_ALGS)}, got {space.search_alg!r}")
-    if space.tpe_startup_trials < 1:
-        raise ConfigError(f"tpe_startup_trials: must be >= 1, got {space.tpe_startup_trials}")
+    check(s.metric in METRICS, "scheduler.metric", f"must be one of {', '.join(METRICS)} (validation split only)",
+          s.metric)
+    check(1 <= s.max_t <= base_cfg.optim.epochs, "scheduler.max_t", f"must be in [1, base.optim.epochs="
+          f"{base_cfg.optim.epochs}] (trial epochs; base.optim.epochs is the full budget)", s.max_t)
+    check(1 <= s.grace_period <= s.max_t, "scheduler.grace_period", f"must be in [1, scheduler.max_t={s.max_t}]",
+          s.grace_period)
+    check(s.reduction_factor > 1, "scheduler.reduction_factor", "must be > 1", s.reduction_factor)
+    check(space.num_samples >= 1, "num_samples", "must be >= 1", space.num_samples)
+    check(space.search_alg in SEARCH_ALGS, "search_alg", f"must be one of {', '.join(SEARCH_ALGS)}", space.search_alg)
+    check(space.tpe_startup_trials >= 1, "tpe_startup_trials", "must be >= 1", space.tpe_startup_trials)
     grids = [key for key, (primitive, _) in space.search.items() if primitive == "grid"]
     if space.search_alg == "optuna" and grids:
         raise ConfigError(f"search.{grids[0]}: grid is not a distribution TPE samples (search_alg: optuna); "
                           "use choice, or search_alg: random")
-    if space.max_concurrent_trials < 0:
-        raise ConfigError(f"max_concurrent_trials: must be >= 0 (0: as many as fit), got {space.max_concurrent_trials}")
-    if r.workers < 1:
-        raise ConfigError(f"resources.workers: must be >= 1, got {r.workers}")
-    if r.cpus_per_worker <= 0:
-        raise ConfigError(f"resources.cpus_per_worker: must be > 0, got {r.cpus_per_worker:g}")
-    if r.trial_driver_cpus <= 0:
-        raise ConfigError(f"resources.trial_driver_cpus: must be > 0 (Ray rejects 0), got {r.trial_driver_cpus:g}")
-    if c.keep_per_trial < 1:
-        raise ConfigError(f"checkpoints.keep_per_trial: must be >= 1, got {c.keep_per_trial}")
-    if c.keep_trials < 1:
-        raise ConfigError(f"checkpoints.keep_trials: must be >= 1, got {c.keep_trials}")
-    if not space.storage_path:
-        raise ConfigError("storage_path: must not be empty")
+    check(space.max_concurrent_trials >= 0, "max_concurrent_trials", "must be >= 0 (0: as many as fit)",
+          space.max_concurrent_trials)
+    check(r.workers >= 1, "resources.workers", "must be >= 1", r.workers)
+    check(r.cpus_per_worker > 0, "resources.cpus_per_worker", "must be > 0", r.cpus_per_worker)
+    check(r.trial_driver_cpus > 0, "resources.trial_driver_cpus", "must be > 0 (Ray rejects 0)", r.trial_driver_cpus)
+    check(c.keep_per_trial >= 1, "checkpoints.keep_per_trial", "must be >= 1", c.keep_per_trial)
+    check(c.keep_trials >= 1, "checkpoints.keep_trials", "must be >= 1", c.keep_trials)
+    check(bool(space.storage_path), "storage_path", "must not be empty", space.storage_path)
     check_no_credentials("storage_path", space.storage_path)
-    if not space.name or "/" in space.name:
-        raise ConfigError(f"name: must be a non-empty name without '/', got {space.name!r}")
+    check(bool(space.name) and "/" not in space.name, "name", "must be a non-empty name without '/'", space.name)
     try:
         space.trial_config({})
     except ConfigError as err:  # e.g. data.batch_size not divisible by resources.workers
@@ -348,7 +323,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None) -> SearchSp
     if isinstance(raw.get("base"), str):
         raw["base"] = read_yaml_mapping(base_file(path, raw["base"]), "base: training config")
     raw.setdefault("name", path.stem)
-    raw, notes = upgrade_space(apply_overrides(raw, overrides or []))
+    raw, notes = upgrade_space(apply_overrides(raw, overrides or []), Scheduler.metric)
     for note in notes:
         sys.stderr.write(f"warning: {note}\n")
     return parse(raw, str(path))

@@ -12,27 +12,18 @@ from typing import Any
 import torch
 
 from .checkpoint import load_state, save_state
+from .run_folder import checkpoint_dir_name, trial_id_of
 from .storage import exists, filesystem, read_text, write_text
 from .telemetry import RayMetrics, TensorBoard
 
 
-def trial_run_name(search: str, trial_id: str) -> str:
-    """The name of the Train run of a search's trial (its folder under the experiment)."""
-    return f"{search}/train/{trial_id}"
-
-
-def trial_label(run_name: str) -> str:
-    """The Tune trial id of a Train run named by ``trial_run_name``; "" for a plain run."""
-    return run_name.rsplit("/", 1)[-1] if "/train/" in run_name else ""
-
-
 class LocalSession:
-    """One in-process worker: checkpoints go to ``out_dir/epoch_NNNN``; metrics are kept in a list;
+    """One in-process worker: checkpoints go to ``out_dir/checkpoint_epoch_NNNN``; metrics are kept in a list;
     TensorBoard files (unless ``tensorboard=False``) in ``out_dir/tensorboard``."""
 
     def __init__(self, out_dir: str | os.PathLike, resume_from: str | os.PathLike | None = None,
                  device: str = "cpu", tensorboard: bool = True):
-        self.rank, self.world_size, self.device, self.label = 0, 1, torch.device(device), ""
+        self.rank, self.world_size, self.device, self.trial_id = 0, 1, torch.device(device), ""
         self.out_dir, self.resume_from, self.tensorboard = Path(out_dir), resume_from, tensorboard
         self.reports: list[dict[str, Any]] = []
 
@@ -57,7 +48,7 @@ class LocalSession:
 
     def report(self, metrics: dict[str, Any], state: dict | None) -> None:
         if state is not None:
-            path = save_state(self.out_dir / f"epoch_{metrics['epoch']:04d}", state).parent
+            path = save_state(self.out_dir / checkpoint_dir_name(metrics["epoch"]), state).parent
             metrics = {**metrics, "checkpoint_path": str(path)}
         self.reports.append(metrics)
 
@@ -86,10 +77,11 @@ class RaySession:
         return tensorboard, RayMetrics(context.get_experiment_name().rsplit("/", 1)[-1], self.rank)
 
     @property
-    def label(self) -> str:
+    def trial_id(self) -> str:
+        """The Tune trial this worker trains for; "" for a plain run."""
         import ray.train
 
-        return trial_label(ray.train.get_context().get_experiment_name())
+        return trial_id_of(ray.train.get_context().get_experiment_name())
 
     def _run_path(self, name: str):
         import ray.train
@@ -127,4 +119,4 @@ class RaySession:
         with tempfile.TemporaryDirectory() as directory:
             save_state(directory, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}")
+                             checkpoint_dir_name=checkpoint_dir_name(metrics["epoch"]))

@@ -9,66 +9,52 @@ on the test split and, with ``--then-train``, retrains the best config on the wh
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import math
-import os
 import sys
 import time
 
-if __name__ == "__main__":  # the command's options first: --help answers before the heavy imports
-    from paco_ray.commands import tune_parser
-    tune_parser().parse_args()
-
-from pathlib import Path  # noqa: E402
 from typing import Any
 
 import yaml
 
-from .capacity import Capacity, fmt
-from .commands import tune_parser
+from .capacity import Capacity, format_resources
 from .config import TrainConfig
 from .data.prepared import DatasetError
 from .data.staging import check_dataset
 from .driver import environ
 from .errors import InputError
-from .evaluate import format_table
-from .schema import ConfigError, flatten, set_dotted
+from .schema import ConfigError, first_difference, flatten, set_dotted
 from .search_results import (TrialSummary, best_trial, format_trials, prune_checkpoints, saved_statuses, summarize,
                              unfinished_trials)
-from .search_results import fmt as fmt_value
+from .search_results import format_value
 from .search_space import RESUME_MAY_CHANGE, SearchSpace, load_space, param_space, parse, resolve_trials
-from .session import trial_run_name
 from .storage import exists, filesystem, read_text, to_uri, write_text
+
+TUNE_DESCRIPTION = """\
+Search hyperparameters (temperature, alpha, queue size, or any other key) with Ray Tune and ASHA:
+each trial trains on Ray Train workers and reports every epoch; weak trials stop early. At the
+end: the trial table, the best trials' checkpoints (others deleted), best_config.yaml ready for
+paco-train, and the best checkpoint's test accuracy."""
+
+TUNE_EPILOG = """\
+examples:
+  paco-tune search_spaces/fashion_mnist_lt.yaml              # ~15 min on 2 cores
+  paco-tune search_spaces/imagenet_lt.yaml --dry-run         # the trials and resources, nothing run
+  paco-tune search_spaces/cifar100_lt.yaml --set num_samples=4 --set base.optim.lr=0.05
+  paco-tune search_spaces/imagenet_lt.yaml --resume          # after an interruption
+
+A search space holds base: (a training config, inline or the path of a file in configs/),
+search: (the keys to sample), scheduler:, num_samples:, resources: and checkpoints:.
+Results go to <storage_path>/<name>/ (default runs/tune/<space file name>/)."""
 
 SNAPSHOT = "search_space.yaml"
 BEST_CONFIG = "best_config.yaml"
 SUMMARY = "summary.txt"
 RETRAIN = "retrain"  # the retrained best config's run folder, inside the experiment folder
 HPARAMS = "hparams"  # TensorBoard HParams of the trials, inside the experiment folder
-
-# ----------------------------------------------------------------------------- the trainable
-
-
-def run_trial(config: dict[str, Any], space: dict[str, Any], autoscaling: bool = False) -> None:
-    """One Tune trial: a TorchTrainer on the trial's config, reporting each epoch to Tune.
-
-    The Train run is named by the trial id, so a restored trial resumes from its own checkpoint.
-    ``autoscaling``: its workers may wait for the autoscaler's nodes.
-    """
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from .driver import run_trainer
-    from .train import train_loop_per_worker
-
-    search = parse(space)
-    trial_id = ray.tune.get_context().get_trial_id()
-    # raises ray.train.TrainingFailedError: Tune marks the trial as errored
-    run_trainer(train_loop_per_worker, search.trial_config(config), name=trial_run_name(search.name, trial_id),
-                storage_path=search.storage_path, keep=search.checkpoints.keep_per_trial,
-                metric=search.scheduler.metric, callbacks=[TuneReportCallback()], autoscaling=autoscaling)
-
 
 # ----------------------------------------------------------------------------- resources
 
@@ -92,7 +78,8 @@ def trials_that_fit(space: SearchSpace, capacity: Capacity, limit: int = 256) ->
         fits += 1
     if fits == 0:
         where = " on the head" if space.resources.trial_driver_on_head else ""
-        raise ConfigError(f"resources: one trial ({workers} x {fmt(worker)} + {fmt(driver)} for its trial driver{where}) "
+        raise ConfigError(f"resources: one trial ({workers} x {format_resources(worker)} + "
+                          f"{format_resources(driver)} for its trial driver{where}) "
                           f"can never be placed: {capacity.kinds_text()}")
     return fits
 
@@ -186,18 +173,8 @@ def describe(space: SearchSpace, trials: list[dict[str, Any]]) -> str:
     lines.append("  #  " + "".join(f"{k:>22}" for k in keys))
     for i, trial in enumerate(trials):
         flat = flatten(trial)
-        lines.append(f"{i:>3}  " + "".join(f"{fmt_value(flat.get(k)):>22}" for k in keys))
+        lines.append(f"{i:>3}  " + "".join(f"{format_value(flat.get(k)):>22}" for k in keys))
     return "\n".join(lines)
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b), key=str):
-            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-            if found:
-                return found
-        return None
-    return None if a == b else prefix.rstrip(".") or "(top level)"
 
 
 def open_experiment(space: SearchSpace, resume: bool):
@@ -219,16 +196,15 @@ def open_experiment(space: SearchSpace, resume: bool):
     except yaml.YAMLError:
         raise ConfigError(f"--resume: {space.experiment_path}/{SNAPSHOT} is not valid YAML") from None
     mine = space.to_dict()
-    differs = _first_difference({k: v for k, v in stored.items() if k not in RESUME_MAY_CHANGE},
-                                {k: v for k, v in mine.items() if k not in RESUME_MAY_CHANGE})
+    differs = first_difference({k: v for k, v in stored.items() if k not in RESUME_MAY_CHANGE},
+                               {k: v for k, v in mine.items() if k not in RESUME_MAY_CHANGE})
     if differs:
         raise ConfigError(f"--resume: {differs} differs from the experiment's {SNAPSHOT}; "
                           "resume with the settings it started with")
     for key in RESUME_MAY_CHANGE:
-        changed = _first_difference(stored[key], mine[key], f"{key}.")
-        if changed:
-            print(f"resuming with {key} {fmt_value(mine[key])} (the experiment started with "
-                  f"{fmt_value(stored[key])})", file=sys.stderr)
+        if first_difference(stored[key], mine[key]):
+            print(f"resuming with {key} {format_value(mine[key])} (the experiment started with "
+                  f"{format_value(stored[key])})", file=sys.stderr)
     return fs, exp_path
 
 
@@ -240,11 +216,11 @@ def check_space_data(space: SearchSpace) -> None:
         check_dataset(path)
 
 
-def with_prepared_data(space: SearchSpace) -> SearchSpace:
+def with_prepared_space(space: SearchSpace) -> SearchSpace:
     """``space`` whose base reads a prepared dataset: the embedded default is prepared here, once."""
-    from pipelines.default_data import with_prepared_data as prepared
+    from pipelines.default_data import with_prepared_data
 
-    path = prepared(space.full_config()).data.path
+    path = with_prepared_data(space.full_config()).data.path
     check_dataset(path)  # a bad dataset fails here in one line, not in every trial
     base = copy.deepcopy(space.base)
     set_dotted(base, "data.path", path)
@@ -260,6 +236,7 @@ def build_tuner(space: SearchSpace, resume: bool, max_concurrent: int, autoscali
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from .search_algorithms import ResumableASHA, searcher, set_concurrency
+    from .trial import run_trial
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, space=space.to_dict(), autoscaling=autoscaling),
                                     space.resources.trial_driver())
@@ -286,6 +263,8 @@ def report_results(rows: list[TrialSummary], space: SearchSpace, elapsed: float)
     """Prune checkpoints, write the best config, the trials' TensorBoard HParams and the summary
     into the experiment folder, evaluate the best checkpoint on the test split; returns (the
     summary's lines, the best config)."""
+    from .metrics import format_table
+
     fs, exp_path = filesystem(space.experiment_path)
     kept, deleted = prune_checkpoints(rows, space)
     run_epochs = sum(t.epochs for t in rows)
@@ -302,7 +281,7 @@ def report_results(rows: list[TrialSummary], space: SearchSpace, elapsed: float)
     write_text(fs, f"{exp_path}/{BEST_CONFIG}", yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
     write_hparams(space, rows)
     report += [f"best trial {best.trial_id}: {space.scheduler.metric} {best.best:.2f} at epoch {best.best_epoch} "
-               "with " + ", ".join(f"{k}={fmt_value(v)}" for k, v in best.config.items())
+               "with " + ", ".join(f"{k}={format_value(v)}" for k, v in best.config.items())
                + " (ties: fewer epochs, then the earlier trial; errored trials are never selected)",
                f"best config ({space.base_epochs} epochs): {space.experiment_path}/{BEST_CONFIG}",
                f"best checkpoint: {path}"]
@@ -321,6 +300,7 @@ def retrain_best(best_cfg: TrainConfig, space: SearchSpace, report: list[str], s
     ``scale`` on every worker the cluster can hold; its config, results and table go to
     ``<experiment>/retrain/`` and into summary.txt."""
     from .capacity import read_capacity
+    from .metrics import format_table
     from .train import train_and_evaluate
 
     capacity = read_capacity()
@@ -353,7 +333,7 @@ def run(space: SearchSpace, resume: bool, then_train: bool, retry_errored: bool 
     from .driver import check_gpu_request, start_ray
 
     fs, exp_path = open_experiment(space, resume)
-    declared, space = space.to_dict(), with_prepared_data(space)  # bad data fails before Ray starts
+    declared, space = space.to_dict(), with_prepared_space(space)  # bad data fails before Ray starts
     check_gpu_request(space.full_config().use_gpu)
     start_ray()
     capacity = read_capacity()
@@ -376,8 +356,29 @@ def run(space: SearchSpace, resume: bool, then_train: bool, retry_errored: bool 
     return 1 if all(t.status == "error" for t in rows) else 0
 
 
+def parser(prog: str = "paco-tune") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=TUNE_DESCRIPTION, epilog=TUNE_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("space", help="search-space YAML (search_spaces/*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the space file, e.g. --set num_samples=4 --set base.optim.lr=0.05")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted experiment of this name")
+    parser.add_argument("--dry-run", action="store_true", help="check the space and its data, print the trials "
+                        "and resources, run nothing")
+    parser.add_argument("--then-train", action="store_true",
+                        help="retrain best_config.yaml as exported (the trials' workers, batch and lr) to the full "
+                             "epoch budget, into <experiment>/retrain/")
+    parser.add_argument("--scale-to-cluster", action="store_true",
+                        help="with --then-train: retrain on every worker the cluster can hold instead, keeping the "
+                             "per-worker batch and scaling lr with the global batch (this changes the steps per "
+                             "epoch, the key encoder's pace and the queue's turnover that were tuned)")
+    parser.add_argument("--retry-errored", action="store_true",
+                        help="with --resume: also continue trials that errored (by default they stay errored)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = tune_parser().parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         space = load_space(args.space, args.set)
         if args.dry_run:  # the trials, then whether the search could start (its data)
@@ -393,7 +394,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Re-enter through the package so Ray pickles run_trial by reference.
-    from paco_ray.tune import main as package_main
-
-    sys.exit(package_main())
+    sys.exit(main())

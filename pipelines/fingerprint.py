@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from paco_ray import schema
+
 FINGERPRINT_KEY = b"paco_ray.fingerprint"
 
 
@@ -27,31 +29,18 @@ def differences(wanted: dict, existing: dict, out) -> str:
     """The first setting in which ``existing`` (the fingerprint recorded in ``out``) differs from
     ``wanted``, e.g. ``imbalance_factor: 100 here, 10 in data/x``, then the names of the others.
     Nested mappings are compared key by key (``lists.train``)."""
-    wanted, existing = _flat(wanted), _flat(existing)
-    keys = [k for k in dict.fromkeys([*wanted, *existing])
-            if (k in wanted, wanted.get(k)) != (k in existing, existing.get(k))]
-    if not keys:
+    found = schema.differences(wanted, existing)
+    if not found:
         return "none"
-    first = keys[0]
+    (first, mine, theirs), keys = found[0], [key for key, _, _ in found]
     more = f" (and {len(keys) - 1} more: {', '.join(keys[1:])})" if len(keys) > 1 else ""
-    return f"{first}: {_show(wanted, first)} here, {_show(existing, first)} in {out}{more}"
+    return f"{first}: {_show(mine)} here, {_show(theirs)} in {out}{more}"
 
 
-def _flat(mapping: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _show(settings: dict, key: str, limit: int = 80) -> str:
+def _show(value, limit: int = 80) -> str:
     """A setting as a user typed it: ``100`` for 100.0, paths unquoted, long lists shortened."""
-    if key not in settings:
+    if value is schema.MISSING:
         return "unset"
-    value = settings[key]
     if isinstance(value, str):
         return value
     if isinstance(value, float):

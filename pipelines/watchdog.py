@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 
 from ffcv.memory_allocator import MemoryAllocator
 
-from .progress import Progress
+from .beton_progress import BetonProgress
 
 POLL_S = 0.1  # how often the parent looks at the workers and the progress counter
 
@@ -56,7 +56,7 @@ def write_guarded(fname: str, fields: Mapping, dataset, *, num_workers: int, lab
     try:
         for worker in workers:
             worker.start()
-        progress = Progress(label, len(dataset))
+        progress = BetonProgress(label, len(dataset))
 
         def failure() -> str | None:
             return _failure(workers, errors, lambda slot: _position(tracked.positions[slot], describe))

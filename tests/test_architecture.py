@@ -1,6 +1,10 @@
 """The layout stays one-way: no import cycle in paco_ray/ and pipelines/ (function-local imports
-included), paco_ray.data never imports pipelines, and functions stay short enough to read."""
+included), paco_ray.data never imports pipelines, the reference augmentation stays off the
+training path, the commands load no torch before reading their options, and functions stay short
+enough to read."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,7 +102,23 @@ def test_only_the_command_line_drivers_prepare_the_default_dataset():
     graph = import_graph()
     preparing = sorted(name for name, targets in graph.items()
                        if name.startswith("paco_ray") and any(t.startswith("pipelines") for t in targets))
-    assert preparing == ["paco_ray.console", "paco_ray.train", "paco_ray.tune"]
+    assert preparing == ["paco_ray.train", "paco_ray.tune"]
+
+
+def test_only_tests_and_benchmarks_use_the_reference_augmentation():
+    graph = import_graph()
+    assert sorted(name for name, targets in graph.items() if "paco_ray.data.reference_augment" in targets) == []
+    assert "paco_ray.data.augment" in graph["paco_ray.data.reference_augment"]  # the walker sees the module
+
+
+@pytest.mark.parametrize("command", ["train", "tune", "evaluate"])
+def test_a_command_module_loads_no_torch_or_ray_when_imported(command):
+    """``python -m paco_ray.<command> --help`` answers before the heavy modules load."""
+    done = subprocess.run([sys.executable, "-c", f"import sys, paco_ray.{command}; "
+                           "print(sorted(m for m in ('torch', 'ray', 'ffcv') if m in sys.modules))"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert done.stdout.strip() == "[]"
 
 
 def functions(path: Path):

@@ -12,9 +12,10 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from conftest import write_cifar
-from paco_ray.config import VIEWS, DataConfig, load_config
-from paco_ray.data.augment import photometric, view_names, view_transform
-from paco_ray.data.augment_ops import TIMM_RAND_OPS, Cutout, TimmRandAugment
+from paco_ray.config import DataConfig, load_config
+from paco_ray.data.augment import VIEWS, view_names
+from paco_ray.data.batched_augment import TIMM_RAND_OPS
+from paco_ray.data.reference_augment import Cutout, TimmRandAugment, photometric, view_transform
 from paco_ray.data.loaders import build_loaders
 from paco_ray.data.prepared import PreparedDataset
 from paco_ray.schema import ConfigError

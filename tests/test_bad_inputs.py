@@ -11,7 +11,8 @@ from paco_ray import evaluate as evaluate_cli
 from paco_ray import train as train_cli
 from paco_ray import tune as tune_cli
 from paco_ray.config import load_config
-from paco_ray.train import LocalSession, train
+from paco_ray.loop import train
+from paco_ray.session import LocalSession
 from pipelines import fashion_mnist, txt_list
 
 

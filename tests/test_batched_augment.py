@@ -13,9 +13,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from paco_ray.config import VIEWS, DataConfig
-from paco_ray.data.augment import batched_photometric, photometric
-from paco_ray.data.augment_ops import TIMM_RAND_OPS, TimmRandAugment
+from paco_ray.config import DataConfig
+from paco_ray.data.augment import VIEWS, batched_photometric
+from paco_ray.data.batched_augment import TIMM_RAND_OPS
+from paco_ray.data.reference_augment import TimmRandAugment, photometric
 from paco_ray.data.batched_augment import (AUTOAUGMENT_COLOUR, AutoAugmentStage, BatchedAugment, BlurStage,
                                            ColorJitterStage, CutoutStage, RandAugmentStage, autoaugment_op,
                                            timm_op)

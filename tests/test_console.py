@@ -3,6 +3,7 @@ help and --print-config, the console scripts, and the checks that fail before Ra
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +11,10 @@ import yaml
 
 from paco_ray import driver
 from paco_ray.config import TrainConfig, load_config
-from paco_ray.progress import Progress, epoch_line
+from paco_ray.progress import EpochProgress, epoch_line
 from paco_ray.schema import ConfigError
 from paco_ray.session import LocalSession
-from paco_ray.train import train
+from paco_ray.loop import train
 
 
 class Clock:
@@ -34,7 +35,7 @@ class Lines:
 
 def test_progress_line_every_interval_with_eta_and_trial_label():
     clock, out = Clock(), Lines()
-    progress = Progress(30, epoch=1, epochs=5, steps=100, label="a1b2", clock=clock, logger=out)
+    progress = EpochProgress(30, epoch=1, epochs=5, steps=100, trial_id="a1b2", clock=clock, logger=out)
     written = []
     for step in range(1, 101):
         clock.now += 1.0  # one step per second, 128 images each
@@ -43,7 +44,7 @@ def test_progress_line_every_interval_with_eta_and_trial_label():
     assert out.lines[0] == "[a1b2] epoch 2/5  step 30/100  128 img/s  loss 0.5000  lr 0.01  ETA 1m10s"
     assert out.lines[2].endswith("ETA 10s")
     slow_start, out = Clock(), Lines()  # a first step that compiles for 60 s does not count
-    progress = Progress(10, epoch=0, epochs=1, steps=50, clock=slow_start, logger=out)
+    progress = EpochProgress(10, epoch=0, epochs=1, steps=50, clock=slow_start, logger=out)
     slow_start.now = 60.0
     assert not progress.step(1, 256, torch.tensor(2.0), 0.1)  # no rate from one step
     for step in range(2, 13):
@@ -52,16 +53,16 @@ def test_progress_line_every_interval_with_eta_and_trial_label():
     assert out.lines == ["epoch 1/1  step 2/50  256 img/s  loss 2.0000  lr 0.1  ETA 48s",  # due since the start
                          "epoch 1/1  step 12/50  256 img/s  loss 2.0000  lr 0.1  ETA 38s"]
     silent = Lines()
-    quiet = Progress(0, epoch=0, epochs=1, steps=10, clock=clock, logger=silent)
+    quiet = EpochProgress(0, epoch=0, epochs=1, steps=10, clock=clock, logger=silent)
     clock.now += 1000
     assert not quiet.step(5, 640, torch.tensor(1.0), 0.1) and silent.lines == []
 
 
 def test_lines_of_a_search_carry_the_trial_id_and_plain_runs_none():
-    from paco_ray.session import trial_label, trial_run_name
+    from paco_ray.run_folder import trial_id_of, trial_run_name
 
-    assert trial_label(trial_run_name("cifar100_lt", "3f9a2_00004")) == "3f9a2_00004"  # tune.run_trial's names
-    assert trial_label("fashion_mnist_lt-if100-max5000-val500-paco-seed0") == ""
+    assert trial_id_of(trial_run_name("cifar100_lt", "3f9a2_00004")) == "3f9a2_00004"  # tune.run_trial's names
+    assert trial_id_of("fashion_mnist_lt-if100-max5000-val500-paco-seed0") == ""
 
 
 def test_epoch_line_shows_the_shot_groups_and_top1_only_where_it_differs():
@@ -120,9 +121,9 @@ def test_help_is_for_users_and_loads_nothing_heavy(command):
     done = run_python(f"""
 import sys
 sys.argv = ["paco-{command.replace('evaluate', 'eval')}", "--help"]
-from paco_ray import console
+from paco_ray import {command}
 try:
-    console.{command}()
+    {command}.main()
 except SystemExit as exit:
     assert exit.code == 0
 assert "torch" not in sys.modules and "ray" not in sys.modules, "heavy import"
@@ -132,6 +133,9 @@ assert "torch" not in sys.modules and "ray" not in sys.modules, "heavy import"
     module = subprocess.run([sys.executable, "-m", f"paco_ray.{command}", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert module.returncode == 0 and module.stdout == done.stdout
+    script = Path(sys.executable).parent / f"paco-{command.replace('evaluate', 'eval')}"  # pyproject's entry point
+    installed = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert installed.returncode == 0 and installed.stdout == done.stdout
 
 
 def test_print_config_is_the_resolved_config(capsys):
@@ -143,7 +147,7 @@ def test_print_config_is_the_resolved_config(capsys):
 
 
 def test_prepare_names_its_pipelines(capsys):
-    from paco_ray.console import prepare
+    from pipelines.prepare import main as prepare
 
     assert prepare(["--help"]) == 0 and "fashion_mnist,cifar,txt_list" in capsys.readouterr().out
     assert prepare(["imagenet"]) == 2 and "got imagenet" in capsys.readouterr().err

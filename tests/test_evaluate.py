@@ -15,12 +15,12 @@ from paco_ray import evaluate as evaluate_cli
 from paco_ray.checkpoint import load_state
 from paco_ray.config import load_config
 from paco_ray.data.longtail import ClassInfo, exponential_profile, scaled_shot_thresholds
-from paco_ray.evaluate import (format_table, metrics_from_counts, per_class_counts, prediction_counts,
-                               resolve_checkpoint)
+from paco_ray.best_checkpoint import resolve_checkpoint
+from paco_ray.loop import train
+from paco_ray.metrics import TABLE_COLUMNS, format_table, metrics_from_counts, per_class_counts, prediction_counts
 from paco_ray.model import PaCoOutput
 from paco_ray.plots import SHOT_GROUPS, binned_confusion, confusion_figure, frequency_bins, per_class_scatter, save_png
 from paco_ray.session import LocalSession
-from paco_ray.train import train
 
 
 class FixedLogits(torch.nn.Module):
@@ -172,7 +172,7 @@ def best_of(recorded):
 def test_a_run_folder_with_checkpoints_named_by_epoch_is_ranked_from_its_metrics_file(run, tmp_path, monkeypatch):
     import json
 
-    from paco_ray import evaluate
+    from paco_ray import best_checkpoint
 
     run_dir, _, recorded = run
     copy = shutil.copytree(run_dir, tmp_path / "run")
@@ -181,14 +181,19 @@ def test_a_run_folder_with_checkpoints_named_by_epoch_is_ranked_from_its_metrics
     for m in lines:  # the metrics file alone says which epoch was best: here the worse one
         m["val_balanced_acc"] = 99.0 if m["epoch"] == worst else 1.0
     (copy / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
-    monkeypatch.setattr(evaluate, "recorded_metric", lambda *_: pytest.fail("a checkpoint was read to rank it"))
+    monkeypatch.setattr(best_checkpoint, "recorded_metric", lambda *_: pytest.fail("a checkpoint was read to rank it"))
     checkpoint, picked = resolve_checkpoint(str(copy))
-    assert checkpoint == str(copy / f"epoch_{worst:04d}") and picked.value == 99.0
+    assert checkpoint == str(copy / f"checkpoint_epoch_{worst:04d}") and picked.value == 99.0
+
+    for folder in copy.glob("checkpoint_epoch_*"):  # a run folder written by 0.2's in-process runs
+        folder.rename(copy / folder.name.removeprefix("checkpoint_"))
+    checkpoint, picked = resolve_checkpoint(str(copy))
+    assert checkpoint == str(copy / f"epoch_{worst:04d}") and picked.value == 99.0 and picked.candidates == 2
 
 
 def test_a_run_folder_picks_the_checkpoint_with_the_best_recorded_val_metric(run, tmp_path):
     run_dir, _, recorded = run
-    assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
+    assert sorted(p.name for p in run_dir.glob("*epoch_*")) == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]
     checkpoint, picked = resolve_checkpoint(str(run_dir))
     assert checkpoint == best_of(recorded)
     assert picked.value == recorded[checkpoint]["val_balanced_acc"] and picked.candidates == 2
@@ -228,7 +233,7 @@ def test_json_equals_the_table_and_the_recorded_metrics(run, capsys):
     header, row = capsys.readouterr().out.strip().splitlines()
     cells = dict(zip(header.split()[1:], row.split()[1:]))
     assert row.split()[0] == "val"
-    assert cells == {c: "-" if val[c] is None else f"{val[c]:.2f}" for c in evaluate_cli.TABLE_COLUMNS}
+    assert cells == {c: "-" if val[c] is None else f"{val[c]:.2f}" for c in TABLE_COLUMNS}
 
 
 def test_a_moved_dataset_is_found_with_data_path_and_another_dataset_is_refused(run, tmp_path, capsys):
@@ -327,9 +332,9 @@ def test_a_truncated_checkpoint_names_the_file_and_the_reason_on_one_line(run, t
     assert "\x1b" not in err and not (tmp_path / "code-ran").exists()
 
     run_dir = tmp_path / "run"
-    shutil.copytree(broken, run_dir / "epoch_0003")
+    shutil.copytree(broken, run_dir / "checkpoint_epoch_0003")
     assert evaluate_cli.main([str(run_dir)]) == 2  # a run holding it names it too
-    assert f"'{run_dir / 'epoch_0003' / 'state.pt'}' is unreadable" in capsys.readouterr().err
+    assert f"'{run_dir / 'checkpoint_epoch_0003' / 'state.pt'}' is unreadable" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -340,7 +345,7 @@ def test_a_truncated_checkpoint_names_the_file_and_the_reason_on_one_line(run, t
 ])
 def test_bad_arguments_give_one_line_before_anything_is_evaluated(argv, message, tmp_path, capsys):
     (tmp_path / "tensorboard").mkdir()
-    (tmp_path / "epoch_0001").mkdir()  # no state.pt in it
+    (tmp_path / "checkpoint_epoch_0001").mkdir()  # no state.pt in it
     assert evaluate_cli.main(argv(tmp_path)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err

@@ -280,7 +280,7 @@ def _eval_worker(rank: int, world: int, init_file: str, out_dir: str):
     from types import SimpleNamespace
 
     from paco_ray.data.longtail import ClassInfo
-    from paco_ray.evaluate import evaluate_split
+    from paco_ray.metrics import evaluate_split
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -305,3 +305,31 @@ def test_ddp_evaluation_finishes_when_a_rank_has_no_batch(tmp_path):
     per_class = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
     np.testing.assert_array_equal(per_class[0], per_class[1])  # counts summed over ranks, the same on both
     assert per_class[0][0] == 100.0 or per_class[0][0] == 0.0  # class a: its one image counted once
+
+
+def test_a_loss_is_one_entry_in_losses(monkeypatch, tiny_config, tmp_path):
+    """A loss added to losses.LOSSES alone is accepted by the config, builds its model (keys from
+    the query encoder, its own head) and trains through the loop, with the value it computes."""
+    from paco_ray import losses
+    from paco_ray.config import ConfigError, TrainConfig
+    from paco_ray.loop import train
+    from paco_ray.session import LocalSession
+
+    seen = []
+
+    def twice_ce(out, labels, log_prior, weights):
+        seen.append(weights["temperature"])
+        return 2 * losses.cross_entropy(out.logits, labels)
+
+    monkeypatch.setitem(losses.LOSSES, "twice_ce", losses.Loss(twice_ce, keys="query", head="mlp"))
+    cfg = tiny_config("loss=twice_ce", "optim.epochs=1", "optim.warmup_epochs=0", "paco.temperature=0.3",
+                      "progress_every_s=0")
+    assert cfg.contrastive
+    model = PaCoModel.from_config(cfg, num_classes=10, in_channels=1)
+    assert model.key_source == "query" and len(model.projector) == 3 and isinstance(model.projector[1], torch.nn.ReLU)
+    session = LocalSession(tmp_path / "run", tensorboard=False)
+    train(cfg, session)
+    assert seen and set(seen) == {0.3} and session.reports[0]["epoch"] == 1
+    monkeypatch.delitem(losses.LOSSES, "twice_ce")
+    with pytest.raises(ConfigError, match="loss: must be one of paco, gpaco, balanced_softmax, ce, got 'twice_ce'"):
+        TrainConfig.from_dict(cfg.to_dict())

@@ -167,14 +167,14 @@ def test_progress_is_one_labelled_line_per_split_when_not_a_terminal(tmp_path, c
 def test_progress_on_a_terminal_is_a_bar_labelled_with_the_file():
     import io
 
-    from pipelines.progress import Progress
+    from pipelines.beton_progress import BetonProgress
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
     terminal = Terminal()
-    progress = Progress("val.beton", 40, stream=terminal)
+    progress = BetonProgress("val.beton", 40, stream=terminal)
     progress.update(25)
     progress.update(40)
     progress.close(complete=True)

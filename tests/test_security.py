@@ -10,7 +10,8 @@ from paco_ray import evaluate as evaluate_cli
 from paco_ray import train as train_cli
 from paco_ray import tune as tune_cli
 from paco_ray.checkpoint import CheckpointError, load_state
-from paco_ray.train import LocalSession, train
+from paco_ray.loop import train
+from paco_ray.session import LocalSession
 
 
 def python_tag(marker) -> str:

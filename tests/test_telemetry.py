@@ -11,7 +11,8 @@ from paco_ray.data.longtail import ClassInfo, exponential_profile, scaled_shot_t
 from paco_ray.plots import per_class_bars
 from paco_ray.storage import filesystem
 from paco_ray.telemetry import FIGURE_TAG, GAUGES, TensorBoard, per_class_figure
-from paco_ray.train import LocalSession, train
+from paco_ray.loop import train
+from paco_ray.session import LocalSession
 
 
 def tag_steps(event_file, tag):

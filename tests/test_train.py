@@ -7,7 +7,7 @@ import torch
 from paco_ray.checkpoint import CheckpointError, load_state, save_state
 from paco_ray.optim import warmup_cosine
 from paco_ray.session import LocalSession
-from paco_ray.train import train
+from paco_ray.loop import train
 
 
 class Interrupted(Exception):
@@ -198,7 +198,7 @@ def test_evaluate_names_a_missing_split_and_defaults_to_the_present_ones(tiny_co
 
 def poison_step(monkeypatch, bad_steps):
     """Make compute_loss return NaN on the given (1-based) calls: a numerical fault mid-epoch."""
-    import paco_ray.train as train_module
+    import paco_ray.loop as train_module
 
     real, calls = train_module.compute_loss, {"n": 0}
 
@@ -267,7 +267,7 @@ def test_a_flagged_step_leaves_weights_and_momentum_untouched_even_as_the_first_
 
 def test_the_step_does_not_wait_for_the_host_each_step(tiny_config, tmp_path, monkeypatch):
     """.item() (a host sync on GPU) runs a fixed number of times per training epoch, not once per step."""
-    import paco_ray.train as train_module
+    import paco_ray.loop as train_module
 
     calls, active = {"n": 0}, {"on": False}
     real_item, real_epoch = torch.Tensor.item, train_module.train_one_epoch
@@ -331,7 +331,7 @@ class StepWatch:
     (weights, BatchNorm statistics, key encoder, queue, optimizer state) after every step."""
 
     def __init__(self, monkeypatch, poison_inputs=(), poison_gradients=()):
-        import paco_ray.train as train_module
+        import paco_ray.loop as train_module
 
         self.poison_inputs, self.poison_gradients = set(poison_inputs), set(poison_gradients)
         self.states: list[dict] = []  # states[s]: after step s (states[0]: before the first)

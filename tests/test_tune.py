@@ -17,7 +17,8 @@ from paco_ray.checkpoint import load_state
 from paco_ray.config import load_config
 from paco_ray.search_space import load_space, resolve_trials
 from paco_ray.storage import exists, filesystem, subdirectories
-from paco_ray.train import LocalSession, train
+from paco_ray.loop import train
+from paco_ray.session import LocalSession
 from pipelines.writer import publish
 
 pytestmark = pytest.mark.ray

@@ -1,7 +1,7 @@
 """The two views' recipes, on uint8 CHW tensors (torchvision.transforms.v2, timm's RandAugment).
 
 A view is a crop (the family's, or a random resized crop of a given scale) + horizontal flip,
-then per-sample photometric ops. A view is named by ``data.query_view`` / ``data.key_view`` (``paco_ray.config.VIEWS``):
+then per-sample photometric ops. A view is named by ``data.query_view`` / ``data.key_view`` (``VIEWS``):
 
 - ``crop_flip``: the family's crop (``small``: pad-crop ``data.crop_padding``; ``imagenet``:
   random resized crop 0.08-1) + flip;
@@ -16,19 +16,21 @@ then per-sample photometric ops. A view is named by ``data.query_view`` / ``data
 - ``sim_cifar``: random resized crop 0.2-1 + flip + colour jitter 0.4/0.4/0.4/0.1 p 0.8 +
   grayscale p 0.2 + blur p 0.5 (official CIFAR key).
 
-Each view's photometric ops are written once (``recipe``); ``photometric`` builds them image by
-image (the reference), ``batched_photometric`` for a whole batch on its device
-(``batched_augment``), which both loaders run after their own crop and flip, so the two loaders
-share one implementation.
+Each view's photometric ops are written once (``recipe``); ``batched_photometric`` builds them
+for a whole batch on its device (``batched_augment``), which both loaders run after their own crop
+and flip, so the two loaders share one implementation. ``reference_augment`` builds the same
+recipe image by image, the reference the batched ops are tested against.
 """
 from __future__ import annotations
 
 from torchvision.transforms import v2
 
-from .augment_ops import Cutout, TimmRandAugment
 from .batched_augment import (AutoAugmentStage, BatchedAugment, BlurStage, ColorJitterStage, CutoutStage,
                               GrayscaleStage, RandAugmentStage)
 
+FAMILIES = ("small", "imagenet")  # data.augment: pad-crop for small images, resized crops for photos
+VIEWS = ("crop_flip", "randaugment", "randcls", "randclsstack", "autoaugment_cutout", "sim", "sim_cifar")
+RANDAUGMENT_VIEWS = ("randaugment", "randcls", "randclsstack")  # need data.randaugment_ops > 0
 RESIZED_CROP_SCALE = {"sim": (0.08, 1.0), "sim_cifar": (0.2, 1.0)}
 BLUR_KERNEL = 13  # covers +-3 sigma of the largest sigma (2 px), as PIL's GaussianBlur(radius=sigma)
 
@@ -60,13 +62,13 @@ def geometric(view: str, data_cfg, image_size: int) -> list:
 
 
 def recipe(view: str, data_cfg) -> list[tuple[str, tuple]]:
-    """A view's photometric ops after crop and flip, as (op, arguments), written once for both
-    builders below: ``photometric`` (image by image) and ``batched_photometric``."""
+    """A view's photometric ops after crop and flip, as (op, arguments), written once for
+    ``batched_photometric`` and the reference (``reference_augment.photometric``)."""
     jitter = ("jitter", (0.4, 0.4, 0.4, 0.0, 1.0))         # brightness, contrast, saturation, hue, p
     gray = ("grayscale", (0.2,))                          # p
     blur = ("blur", (BLUR_KERNEL, (0.1, 2.0), 0.5))       # kernel, sigma range, p
     rand = ("randaugment", (data_cfg.randaugment_ops, data_cfg.randaugment_magnitude, data_cfg.randaugment_std))
-    return {
+    return {  # one entry per VIEWS name
         "crop_flip": [],
         "randaugment": [rand],
         "randcls": [jitter, rand],
@@ -77,19 +79,6 @@ def recipe(view: str, data_cfg) -> list[tuple[str, tuple]]:
     }[view]
 
 
-def _jitter(brightness, contrast, saturation, hue, p):
-    jitter = v2.ColorJitter(brightness, contrast, saturation, hue)
-    return jitter if p == 1.0 else v2.RandomApply([jitter], p=p)
-
-
-PER_SAMPLE = {  # op -> its torchvision / timm transform, from (arguments..., fill)
-    "jitter": lambda b, c, s, h, p, fill: _jitter(b, c, s, h, p),
-    "grayscale": lambda p, fill: v2.RandomGrayscale(p=p),
-    "blur": lambda kernel, sigma, p, fill: v2.RandomApply([v2.GaussianBlur(kernel, sigma=sigma)], p=p),
-    "randaugment": lambda n, m, std, fill: TimmRandAugment(n, m, std, fill),
-    "autoaugment": lambda policy, grey, fill: v2.AutoAugment(policy, fill=grey),
-    "cutout": lambda length, fill: Cutout(length),
-}
 BATCHED = {  # op -> its batched stage (batched_augment), from (arguments..., fill)
     "jitter": lambda b, c, s, h, p, fill: ColorJitterStage(b, c, s, h, p=p),
     "grayscale": lambda p, fill: GrayscaleStage(p),
@@ -100,20 +89,9 @@ BATCHED = {  # op -> its batched stage (batched_augment), from (arguments..., fi
 }
 
 
-def photometric(view: str, data_cfg, fill: tuple[int, ...]) -> list:
-    """The per-sample ops after crop and flip (the reference); ``fill`` is the mean colour (0-255
-    per channel)."""
-    return [PER_SAMPLE[op](*args, fill) for op, args in recipe(view, data_cfg)]
-
-
 def batched_photometric(view: str, data_cfg, fill: tuple[int, ...]) -> BatchedAugment:
-    """``photometric`` for a whole uint8 batch, each image drawing its own ops (the loaders' path)."""
+    """A view's photometric ops for a whole uint8 batch, each image drawing its own ops (the loaders' path)."""
     return BatchedAugment([BATCHED[op](*args, fill) for op, args in recipe(view, data_cfg)])
-
-
-def view_transform(view: str, data_cfg, image_size: int, fill: tuple[int, ...]) -> v2.Compose:
-    """One whole view image by image (the reference for a view; the loaders batch its photometric ops)."""
-    return v2.Compose(geometric(view, data_cfg, image_size) + photometric(view, data_cfg, fill))
 
 
 def eval_transform(data_cfg, image_size: int) -> v2.Compose:

@@ -22,7 +22,11 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix
 
 from . import batched_ops as ops
-from .augment_ops import TIMM_RAND_OPS
+
+
+# timm's RandAugment op set, as in the official PaCo code ('PosterizeTpu' there is 'Posterize' here)
+TIMM_RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
+                 "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 
 
 class Group(NamedTuple):

@@ -206,9 +206,9 @@ class FFCVLoaders(_Loaders):
         return ((images, labels) for images, labels, _ in self._eval[split])
 
 
+LOADERS = {"ffcv": FFCVLoaders, "torch": TorchLoaders}  # data.loader
+
+
 def build_loaders(data: PreparedDataset, data_cfg, *, rank: int, world_size: int, seed: int, device: torch.device):
-    """The loader named by ``data.loader``."""
-    cls = {"ffcv": FFCVLoaders, "torch": TorchLoaders}.get(data_cfg.loader)
-    if cls is None:
-        raise ValueError(f"data.loader: unknown loader {data_cfg.loader!r}")
-    return cls(data, data_cfg, rank=rank, world_size=world_size, seed=seed, device=device)
+    """The loader named by ``data.loader`` (a key of LOADERS)."""
+    return LOADERS[data_cfg.loader](data, data_cfg, rank=rank, world_size=world_size, seed=seed, device=device)

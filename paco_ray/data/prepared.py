@@ -66,6 +66,11 @@ class PreparedDataset:
 
     @classmethod
     def open(cls, path: str | Path) -> "PreparedDataset":
+        """The prepared directory ``path``, checked before any image is read: its two Parquet
+        tables exist and parse, the recorded normalization fits the channel count, every class's
+        recorded shot group agrees with its count and the thresholds (a hand-edited table would
+        mislabel many/medium/few), every split has its .beton, and each file the manifest records
+        has the recorded size (a truncated copy). Each failure is one DatasetError naming the file."""
         path = Path(path)
         if not path.is_dir():
             raise DatasetError(f"data.path: {path} is not a directory (prepare one with python -m pipelines...)")
@@ -77,33 +82,49 @@ class PreparedDataset:
             manifest = pq.read_table(path / "manifest.parquet")
         except Exception as err:
             raise DatasetError(f"data.path: {path}: unreadable Parquet ({type(err).__name__})") from None
-        c = classes_table.to_pydict()
-        meta = classes_table.schema.metadata or {}
-        classes = ClassInfo(tuple(c["name"]), tuple(c["train_count"]), int(c["many_threshold"][0]),
-                            int(c["few_threshold"][0]))
-        channels, normalization = int(meta.get(b"paco_ray.channels", b"3")), meta.get(NORMALIZATION_KEY, b"").decode()
-        if normalization and (normalization not in NORMALIZATION or len(NORMALIZATION[normalization].mean) != channels):
-            raise DatasetError(f"data.path: {path / 'classes.parquet'}: normalization {normalization!r} is not one of "
-                               f"the {channels}-channel statistics")
-        for name, recorded, derived in zip(classes.names, c["shot_group"], classes.shot_groups()):
-            if recorded != derived:  # the table was edited by hand: counts and groups disagree
-                raise DatasetError(f"data.path: {path / 'classes.parquet'}: class {name!r} is recorded as "
-                                   f"{recorded!r} but its training count and thresholds make it {derived!r}")
-        m = manifest.filter(manifest.column("skipped").to_numpy(zero_copy_only=False) == False).to_pydict()  # noqa: E712
-        sources: dict[str, list[str]] = {}
-        labels: dict[str, list[int]] = {}
-        for split, _, label, source in sorted(zip(m["split"], m["index"], m["label"], m["source"])):
-            sources.setdefault(split, []).append(source)  # in .beton row order
-            labels.setdefault(split, []).append(label)
-        for split in sources:
-            if not (path / f"{split}.beton").is_file():
-                raise DatasetError(f"data.path: {path / f'{split}.beton'} missing")
-        recorded_files = json.loads((manifest.schema.metadata or {}).get(FILES_KEY, b"{}"))
-        used = {"classes.parquet", *(f"{split}.beton" for split in sources)}
-        for name, recorded in recorded_files.items():
-            if name not in used:
-                continue
-            size = (path / name).stat().st_size
-            if size != recorded["size"]:  # a truncated or replaced file; checksums are checked when staging
-                raise DatasetError(f"data.path: {path / name} has {size} bytes, the manifest records {recorded['size']}")
-        return cls(path, classes, channels, sources, labels, int(meta.get(b"paco_ray.image_size", b"0")), normalization)
+        classes, channels, normalization, image_size = _read_classes(path, classes_table)
+        sources, labels = _read_splits(path, manifest)
+        _check_sizes(path, manifest, {"classes.parquet", *(f"{split}.beton" for split in sources)})
+        return cls(path, classes, channels, sources, labels, image_size, normalization)
+
+
+def _read_classes(path: Path, table) -> tuple[ClassInfo, int, str, int]:
+    """(classes, channels, normalization, stored image size) from classes.parquet."""
+    c = table.to_pydict()
+    meta = table.schema.metadata or {}
+    classes = ClassInfo(tuple(c["name"]), tuple(c["train_count"]), int(c["many_threshold"][0]),
+                        int(c["few_threshold"][0]))
+    channels, normalization = int(meta.get(b"paco_ray.channels", b"3")), meta.get(NORMALIZATION_KEY, b"").decode()
+    if normalization and (normalization not in NORMALIZATION or len(NORMALIZATION[normalization].mean) != channels):
+        raise DatasetError(f"data.path: {path / 'classes.parquet'}: normalization {normalization!r} is not one of "
+                           f"the {channels}-channel statistics")
+    for name, recorded, derived in zip(classes.names, c["shot_group"], classes.shot_groups()):
+        if recorded != derived:  # the table was edited by hand: counts and groups disagree
+            raise DatasetError(f"data.path: {path / 'classes.parquet'}: class {name!r} is recorded as "
+                               f"{recorded!r} but its training count and thresholds make it {derived!r}")
+    return classes, channels, normalization, int(meta.get(b"paco_ray.image_size", b"0"))
+
+
+def _read_splits(path: Path, manifest) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
+    """Per split, the sources and labels of the kept images in .beton row order; each split's .beton exists."""
+    m = manifest.filter(manifest.column("skipped").to_numpy(zero_copy_only=False) == False).to_pydict()  # noqa: E712
+    sources: dict[str, list[str]] = {}
+    labels: dict[str, list[int]] = {}
+    for split, _, label, source in sorted(zip(m["split"], m["index"], m["label"], m["source"])):
+        sources.setdefault(split, []).append(source)  # in .beton row order
+        labels.setdefault(split, []).append(label)
+    for split in sources:
+        if not (path / f"{split}.beton").is_file():
+            raise DatasetError(f"data.path: {path / f'{split}.beton'} missing")
+    return sources, labels
+
+
+def _check_sizes(path: Path, manifest, used: set[str]) -> None:
+    """Each ``used`` file the manifest records has the recorded size (checksums are checked when staging)."""
+    recorded_files = json.loads((manifest.schema.metadata or {}).get(FILES_KEY, b"{}"))
+    for name, recorded in recorded_files.items():
+        if name not in used:
+            continue
+        size = (path / name).stat().st_size
+        if size != recorded["size"]:  # a truncated or replaced file
+            raise DatasetError(f"data.path: {path / name} has {size} bytes, the manifest records {recorded['size']}")

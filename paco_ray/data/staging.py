@@ -91,10 +91,12 @@ def check_dataset(path: str) -> None:
         PreparedDataset.open(path)
 
 
-def read_marker(uri: str) -> dict[str, Any]:
-    """The completion marker of the dataset at ``uri``; one-line DatasetErrors for a missing
+def read_marker(uri: str, fs=None, root: str | None = None) -> dict[str, Any]:
+    """The completion marker of the dataset at ``uri`` (through ``fs`` and ``root``, its filesystem
+    and path there, when the caller has resolved them); one-line DatasetErrors for a missing
     bucket, missing credentials or permissions, and an upload that never completed."""
-    fs, root = filesystem(uri)
+    if fs is None:
+        fs, root = filesystem(uri)
     try:
         with fs.open_input_stream(f"{root}/{MARKER}") as stream:
             return json.loads(stream.read())
@@ -115,7 +117,8 @@ def stage(uri: str, cache: Path, *, timeout_s: float = STAGE_TIMEOUT_S, verify_c
           progress_every_s: float = 10.0, configured: str = "") -> Path:
     """The dataset at ``uri`` as a local directory under ``cache``, downloaded at most once per
     node (concurrent callers wait up to ``timeout_s`` for the one that downloads)."""
-    marker = read_marker(uri)
+    fs, root = filesystem(uri)
+    marker = read_marker(uri, fs, root)
     local = cache / _slug(uri)
     writable_cache(local, configured)
     with _node_lock(local / ".lock", timeout_s, uri):
@@ -124,7 +127,6 @@ def stage(uri: str, cache: Path, *, timeout_s: float = STAGE_TIMEOUT_S, verify_c
         for stale in local.iterdir():  # an old version, or what a killed download left
             if stale.name not in (".lock", DOWNLOAD_LOG):
                 stale.unlink()
-        fs, root = filesystem(uri)
         started = time.perf_counter()
         _download(fs, root, local, MANIFEST, marker[MANIFEST], uri, progress_every_s)
         files = manifest_files(local / MANIFEST)

@@ -5,7 +5,7 @@ import sys
 
 SCRIPT = """
 import ctypes, torch
-from paco_ray.host import keep_freed_memory
+from paco_ray.cpu_allocator import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",

@@ -6,7 +6,7 @@ import time
 from typing import TextIO
 
 
-class Progress:
+class BetonProgress:
     """``label`` (e.g. ``train.beton``) names the file. When ``stream`` (stderr) is a terminal, a
     tqdm bar labelled with it; otherwise a single line on stdout once the file is complete."""
 

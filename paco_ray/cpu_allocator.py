@@ -1,4 +1,4 @@
-"""Settings of the training process itself, for training on the CPU."""
+"""glibc's malloc told to keep freed memory, for training on the CPU."""
 from __future__ import annotations
 
 import ctypes
