@@ -6,7 +6,8 @@ python docs/screenshots.py [--out docs/screenshots]
 
 It starts a local Ray head of its own (token authentication on, dashboard on 127.0.0.1), prepares
 a small Fashion-MNIST-like dataset, submits ``paco_ray.train`` as a Ray job, takes the pictures
-while it trains, and stops everything. Needs Debian's chromium and chromium-driver, and selenium.
+while it trains, and stops everything. Needs Debian's chromium and chromium-driver, and the docs
+extra (pip install -e '.[docs]': selenium).
 """
 from __future__ import annotations
 
