@@ -218,11 +218,14 @@ def job(cluster, *args: str, check: bool = True) -> str:
     return done.stdout + done.stderr
 
 
-def job_status(cluster, job_id: str) -> str:
+def jobs_client(cluster):
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {cluster.token}"})
-    return str(client.get_job_status(job_id).value)
+    return JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {cluster.token}"})
+
+
+def job_status(cluster, job_id: str) -> str:
+    return str(jobs_client(cluster).get_job_status(job_id).value)
 
 
 def wait_for_job(cluster, job_id: str, timeout: float = 600) -> str:
@@ -235,8 +238,19 @@ def tune_entrypoint(space: Path, *extra: str) -> list[str]:
     return ["--", sys.executable, "-m", "paco_ray.tune", str(space), *extra]
 
 
+@pytest.fixture
+def jobs_stopped_after(autoscaling_cluster):
+    """Stops, after the test, every job it left running: a failed test leaves the cluster's nodes free."""
+    from ray.job_submission import JobStatus
+
+    yield
+    for details in jobs_client(autoscaling_cluster).list_jobs():
+        if details.submission_id and details.status in (JobStatus.PENDING, JobStatus.RUNNING):
+            job(autoscaling_cluster, "stop", details.submission_id, check=False)
+
+
 def test_a_search_submitted_as_a_ray_job_runs_on_added_nodes_and_a_stopped_one_resumes(
-        autoscaling_cluster, bucket_data, tmp_path):
+        autoscaling_cluster, bucket_data, tmp_path, jobs_stopped_after):
     from conftest import registered_epoch
     from paco_ray.storage import filesystem, subdirectories
 

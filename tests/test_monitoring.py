@@ -25,6 +25,15 @@ PLAUSIBLE = {  # metric -> (low, high) of any sample
 
 
 @pytest.fixture
+def shot_groups_dataset(easy_raw, tmp_path):
+    """``easy_raw`` with a head class of 110 images: every shot group (many > 100, few < 20) has a
+    class, so every accuracy panel has a series."""
+    from pipelines.fashion_mnist import prepare
+
+    return prepare(easy_raw, tmp_path / "groups", imbalance_factor=10, max_per_class=110, val_per_class=10)
+
+
+@pytest.fixture
 def prometheus(ray_cluster, tmp_path):
     """Prometheus started on Ray's own generated config, stopped (and its data removed) after."""
     if shutil.which("prometheus") is None:
@@ -67,12 +76,12 @@ def samples(url: str, expr: str) -> list[float]:
 
 
 def test_prometheus_scrapes_the_run_and_every_dashboard_query_has_plausible_series(prometheus, ray_cluster,
-                                                                                   easy_dataset, tmp_path):
+                                                                                   shot_groups_dataset, tmp_path):
     queries = panel_queries()
     assert len(queries) == 11 and all("$trial" in expr for _, expr in queries)
     done = {}
     run = threading.Thread(target=lambda: done.update(code=train_cli.main(
-        run_args(easy_dataset, tmp_path, RUN, "--set", "optim.epochs=10", "--set", "keep_checkpoints=1"))))
+        run_args(shot_groups_dataset, tmp_path, RUN, "--set", "optim.epochs=10", "--set", "keep_checkpoints=1"))))
     run.start()
     seen: dict[str, list[float]] = {}
     deadline = time.time() + 400

@@ -212,7 +212,7 @@ def test_a_run_with_data_and_results_in_the_bucket_matches_the_local_run(uninter
     args = run_args(uploaded, s3.uri("runs"), "from-bucket", "--set", f"data.stage_dir={stage_dir}")
     assert train_cli.main(args) == 0
     out = capsys.readouterr().out
-    assert "best checkpoint (val balanced accuracy): paco-test/runs/from-bucket/checkpoint_" in out and "test " in out
+    assert "best checkpoint (val balanced accuracy): s3://paco-test/runs/from-bucket/checkpoint_" in out and "test " in out
 
     (local,) = stage_dir.iterdir()
     assert downloads(local) == 1  # two workers on one node, one download

@@ -164,7 +164,7 @@ def test_an_interrupted_grid_search_keeps_its_checkpoints_and_resumes_from_the_b
     assert "retraining best_config.yaml for 4 epochs, as exported (1 worker, global batch 16" in out
     assert any(p.rsplit("/", 1)[-1].startswith("checkpoint_") for p in subdirectories(fs, f"{experiment}/retrain"))
     summary = read(fs, f"{experiment}/summary.txt")
-    assert f"retrained best_config.yaml for 4 epochs, as exported" in summary and "retrained best checkpoint:" in summary
+    assert "retrained best_config.yaml for 4 epochs, as exported" in summary and "retrained best checkpoint:" in summary
     assert json.loads(read(fs, f"{experiment}/retrain/results.json"))["splits"]["test"]["balanced_acc"] >= 0
     # the checkpoint policy pruned objects in the bucket: the best checkpoint of each of the 2 best trials
     kept = [c for run in subdirectories(fs, f"{experiment}/train") for c in subdirectories(fs, run)
