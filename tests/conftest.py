@@ -331,11 +331,14 @@ class AutoscalingCluster:
         return sorted(n["raylet"]["nodeId"] for n in self.nodes() if n["raylet"]["nodeId"] != FAKE_HEAD_NODE_ID)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def autoscaling_cluster(ray_cluster, s3, tmp_path_factory):
     """A head with Ray's own autoscaler on the ``fake_multinode`` provider and no worker node: the
     node types of cluster.yaml, scaled down (fake_autoscaling_config). Token auth on (the session
-    cluster's token); the S3 test server's environment reaches every node the autoscaler adds."""
+    cluster's token); the S3 test server's environment reaches every node the autoscaler adds.
+    Stopped after its module: while two Ray clusters run on one machine, a process of the session
+    cluster that asks Ray's state API without an address (Train's placement-group cleaner, after
+    Tune stops a trial) cannot tell which is meant, and the stopped trial's workers stay placed."""
     import subprocess
     import sys
 

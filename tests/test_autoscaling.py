@@ -3,6 +3,7 @@ derived from cluster.yaml, no worker node at the start): runs that wait for the 
 requests that can never fit refused at once, a node lost mid-run, and a search submitted as a Ray
 job, stopped and resumed. One autoscaling cluster for all of them (conftest.autoscaling_cluster)."""
 import json
+import re
 import subprocess
 import sys
 import time
@@ -64,6 +65,8 @@ def test_a_run_waits_for_the_autoscaler_and_ends_as_on_a_static_cluster(autoscal
                                     "--set", "placement_strategy=STRICT_SPREAD", "--set", "progress_every_s=1"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "waiting for the autoscaler: 2 x {CPU: 1} pending (0 of 2 placed," in done.stdout + done.stderr
+    waited = re.findall(r"waiting for the autoscaler: .* placed, (?:(\d+)m)?(\d+)s\)", done.stdout + done.stderr)
+    print(f"the autoscaler's nodes: the workers waited {max(int(m or 0) * 60 + int(s) for m, s in waited)} s")
 
     reference = final_state(uninterrupted[0])
     state = final_state(tmp_path / "autoscaled")
@@ -149,7 +152,11 @@ def run_and_lose_a_node(cluster, s3, args: list[str], run: str) -> tuple[subproc
                    "a registered checkpoint", every=0.2)
         assert driver.poll() is None, "the run ended before its node could be lost"
         (node,) = worker_nodes_of_run(cluster)
+        epoch, killed = registered_epoch(s3.fs, run), time.time()
         assert node != FAKE_HEAD_NODE_ID and kill_node(node) > 0
+        wait_until(lambda: registered_epoch(s3.fs, run) > epoch or driver.poll() is not None, 600,
+                   "the run to go on", every=0.2)
+        print(f"node lost: {time.time() - killed:.0f} s from the kill to the next checkpoint (or the run's end)")
         out, err = driver.communicate(timeout=600)
     finally:
         if driver.poll() is None:
@@ -175,6 +182,7 @@ def test_a_node_lost_mid_run_is_replaced_or_named_and_the_run_goes_on(autoscalin
     seen = checkpoint_epochs(s3, f"{s3.bucket}/lost/replaced")
     assert set(seen) == set(range(1, epochs + 1)) and seen[1] == 1 and sum(seen.values()) - epochs <= 1, seen
     per_node = downloads_per_node(cluster)
+    print(f"downloads per node: {per_node}")
     assert per_node.get(lost) == 1 and len([n for n in per_node if n not in (lost, FAKE_HEAD_NODE_ID)]) >= 1, per_node
 
     # max_failures 0: one line names the lost node; the same command again resumes and completes
@@ -251,32 +259,33 @@ def jobs_stopped_after(autoscaling_cluster):
 
 def test_a_search_submitted_as_a_ray_job_runs_on_added_nodes_and_a_stopped_one_resumes(
         autoscaling_cluster, bucket_data, tmp_path, jobs_stopped_after):
+    """Two concurrent trials of one 2-CPU worker each on a head of 1 CPU: each trains on a node the
+    autoscaler adds for it; `ray job stop` mid-way leaves an experiment that --resume completes."""
     from conftest import registered_epoch
     from paco_ray.storage import filesystem, subdirectories
 
     cluster = autoscaling_cluster
     before = set(downloads_per_node(cluster))
-    space = search_space(tmp_path, bucket_data, "jobsearch", max_t=2)
-    job(cluster, "submit", "--no-wait", "--submission-id", "paco-search", *tune_entrypoint(space))
-    assert wait_for_job(cluster, "paco-search") == "SUCCEEDED", job(cluster, "logs", "paco-search")[-3000:]
-    logs = job(cluster, "logs", "paco-search")
-    assert "waiting for the autoscaler: 1 x {CPU: 2} pending" in logs
-    assert " step " in logs and "img/s" in logs and "epoch 2/2  loss" in logs and "val balanced" in logs
-    assert "best trial" in logs and (tmp_path / "runs" / "jobsearch" / "summary.txt").is_file()
-    added = set(downloads_per_node(cluster)) - before - {FAKE_HEAD_NODE_ID}
-    assert len(added) == 2, downloads_per_node(cluster)  # each trial trained on a node added for it
-
-    # a search stopped mid-way (ray job stop) leaves an experiment that --resume completes
     space = search_space(tmp_path, bucket_data, "stopped", max_t=4)
     job(cluster, "submit", "--no-wait", "--submission-id", "paco-stopped", *tune_entrypoint(space))
     fs, experiment = filesystem(str(tmp_path / "runs" / "stopped"))
+
+    def registered() -> list[int]:
+        train_dir = tmp_path / "runs" / "stopped" / "train"
+        return [registered_epoch(fs, run) for run in subdirectories(fs, f"{experiment}/train")] \
+            if train_dir.is_dir() else []
+
     try:
-        wait_until(lambda: any(registered_epoch(fs, run) >= 1 for run in subdirectories(fs, f"{experiment}/train"))
-                   if (tmp_path / "runs" / "stopped" / "train").is_dir() else False, 400, "a trial's checkpoint")
+        wait_until(lambda: len(registered()) == 2 and min(registered()) >= 1, 400, "a checkpoint of both trials")
     except BaseException:
         print(job(cluster, "logs", "paco-stopped", check=False)[-6000:])
-        print(sorted(str(p) for p in (tmp_path / "runs").rglob("*"))[:80])
         raise
+    added = set(downloads_per_node(cluster)) - before - {FAKE_HEAD_NODE_ID}
+    assert len(added) == 2, downloads_per_node(cluster)  # each trial trains on a node added for it
+    logs = job(cluster, "logs", "paco-stopped")
+    assert "waiting for the autoscaler: 1 x {CPU: 2} pending" in logs
+    assert " step " in logs and "img/s" in logs and "val balanced" in logs
+
     job(cluster, "stop", "paco-stopped")
     assert wait_for_job(cluster, "paco-stopped") == "STOPPED"
     assert not (tmp_path / "runs" / "stopped" / "summary.txt").exists()
@@ -286,8 +295,9 @@ def test_a_search_submitted_as_a_ray_job_runs_on_added_nodes_and_a_stopped_one_r
     except BaseException:
         print(job(cluster, "logs", "paco-resumed", check=False)[-6000:])
         raise
+    assert "best trial" in job(cluster, "logs", "paco-resumed")
     rows = [json.loads(line) for f in (tmp_path / "runs" / "stopped").glob("run_trial_*/result.json")
             for line in f.read_text().splitlines() if line.strip()]
-    assert {r["trial_id"] for r in rows} and all(
-        max(r["epoch"] for r in rows if r["trial_id"] == t) >= 1 for t in {r["trial_id"] for r in rows})
+    trials = {r["trial_id"] for r in rows}
+    assert len(trials) == 2 and all(max(r["epoch"] for r in rows if r["trial_id"] == t) >= 1 for t in trials)
     assert (tmp_path / "runs" / "stopped" / "summary.txt").is_file()
