@@ -44,13 +44,18 @@ def rest(url: str, token: str):
 
 
 def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
+    import urllib.error
+
+    deadline, last = time.time() + timeout, None
     while time.time() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except urllib.error.HTTPError as err:  # the dashboard answers 500 until the run's state exists
+            value, last = None, err
         if value:
             return value
         time.sleep(1)
-    raise SystemExit(f"error: timed out waiting for {what}")
+    raise SystemExit(f"error: timed out waiting for {what}" + (f" (last answer: {last})" if last else ""))
 
 
 def browser(dashboard: str, token: str):
