@@ -1,6 +1,7 @@
 """Screenshots of the Ray dashboard of a running paco_ray job, taken in headless Chromium, into
-docs/screenshots/: the Jobs page, the job with its driver's log, the Train page (Ray Train V2's
-runs) and the Train run with its workers.
+docs/screenshots/: the Jobs page and the job with its driver's log, once the job's Train run
+(Ray Train V2's state tracking) is running. Ray 2.60's dashboard UI has no page for Train V2
+runs; their state is served at /api/train/v2/runs/v1 (tests/test_monitoring.py reads it).
 
 python docs/screenshots.py [--out docs/screenshots]
 
@@ -72,25 +73,34 @@ def browser(dashboard: str, token: str):
     return driver
 
 
-def shoot(driver, url: str, path: Path, settle_s: float = 6.0) -> None:
+def sign_in(driver, token: str) -> None:
+    """Give the dashboard's token dialog the cluster's token, when it asks for one."""
+    from selenium.webdriver.common.by import By
+
+    fields = driver.find_elements(By.CSS_SELECTOR, "input[placeholder*='authentication token']")
+    if fields:
+        fields[0].send_keys(token)
+        driver.find_element(By.XPATH, "//button[normalize-space()='Submit' or normalize-space()='SUBMIT']").click()
+        time.sleep(3)
+
+
+def shoot(driver, url: str, path: Path, token: str, settle_s: float = 6.0) -> None:
     driver.get(url)
     time.sleep(settle_s)  # the dashboard renders client-side and polls its APIs
+    sign_in(driver, token)
     driver.save_screenshot(str(path))
     print(path)
 
 
 def take(dashboard: str, token: str, job_id: str, out: Path) -> None:
-    runs = wait_for(lambda: rest(f"{dashboard}/api/train/v2/runs/v1", token).get("train_runs"), 180,
+    wait_for(lambda: rest(f"{dashboard}/api/train/v2/runs/v1", token).get("train_runs"), 180,
                     "the Train run on the dashboard")
-    run = runs[0]
     wait_for(lambda: any(r.get("status") == "RUNNING" for r in rest(f"{dashboard}/api/train/v2/runs/v1", token)
                          .get("train_runs", [])), 180, "the Train run to be running")
     driver = browser(dashboard, token)
     try:
-        shoot(driver, f"{dashboard}/#/jobs", out / "jobs.png")
-        shoot(driver, f"{dashboard}/#/jobs/{job_id}", out / "job_logs.png", settle_s=10)
-        shoot(driver, f"{dashboard}/#/train", out / "train_runs.png")
-        shoot(driver, f"{dashboard}/#/train/runs/{run['id']}", out / "train_run.png", settle_s=10)
+        shoot(driver, f"{dashboard}/#/jobs", out / "jobs.png", token)
+        shoot(driver, f"{dashboard}/#/jobs/{job_id}", out / "job_logs.png", token, settle_s=10)
     finally:
         driver.quit()
 
