@@ -42,12 +42,11 @@ def search(alg: str, seed: int, args) -> dict:
         if code or not summary.exists():
             raise SystemExit(f"error: the {name} search failed; see {log}")
     results = reported_results(space.experiment_path)
-    best = {t: max(r["val_balanced_acc"] for r in rows) for t, rows in results.items()}
-    last = {t: {r["epoch"]: r for r in rows} for t, rows in results.items()}  # a resumed epoch counts once
-    epochs = sum(len(by_epoch) for by_epoch in last.values())
-    seconds = sum(r["epoch_time_s"] for by_epoch in last.values() for r in by_epoch.values())
-    return {"search": name, "alg": alg, "seed": seed, "best": max(best.values()), "trials": len(results),
-            "trial_epochs": epochs, "train_seconds": seconds}
+    epochs = [r for rows in results.values() for r in {r["epoch"]: r for r in rows}.values()]  # a resumed epoch once
+    best = max(r["val_balanced_acc"] for r in epochs)
+    seconds = sum(r["epoch_time_s"] for r in epochs)
+    return {"search": name, "alg": alg, "seed": seed, "best": best, "trials": len(results),
+            "trial_epochs": len(epochs), "train_seconds": seconds}
 
 
 def main() -> None:

@@ -93,8 +93,6 @@ def shoot(driver, url: str, path: Path, token: str, settle_s: float = 6.0) -> No
 
 
 def take(dashboard: str, token: str, job_id: str, out: Path) -> None:
-    wait_for(lambda: rest(f"{dashboard}/api/train/v2/runs/v1", token).get("train_runs"), 180,
-                    "the Train run on the dashboard")
     wait_for(lambda: any(r.get("status") == "RUNNING" for r in rest(f"{dashboard}/api/train/v2/runs/v1", token)
                          .get("train_runs", [])), 180, "the Train run to be running")
     driver = browser(dashboard, token)

@@ -363,9 +363,7 @@ def autoscaling_cluster(ray_cluster, s3, tmp_path_factory):
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                         f"--metrics-export-port={free_port()}"],
-                       # RAY_ADDRESS for the cluster's own processes: with the session cluster also on
-                       # this machine, Ray's state API (Train's PlacementGroupCleaner uses it) cannot
-                       # tell which one is meant and gives up, leaving a stopped trial's workers placed
+                       # RAY_ADDRESS: this cluster's own processes find it beside the session cluster
                        env={**env, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
                             "RAY_ADDRESS": f"{host}:{gcs}"}, check=True,
                        capture_output=True, timeout=180)

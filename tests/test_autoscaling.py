@@ -262,7 +262,7 @@ def test_a_search_submitted_as_a_ray_job_runs_on_added_nodes_and_a_stopped_one_r
     """Two concurrent trials of one 2-CPU worker each on a head of 1 CPU: each trains on a node the
     autoscaler adds for it; `ray job stop` mid-way leaves an experiment that --resume completes."""
     from conftest import registered_epoch
-    from paco_ray.storage import filesystem, subdirectories
+    from paco_ray.storage import exists, filesystem, subdirectories
 
     cluster = autoscaling_cluster
     before = set(downloads_per_node(cluster))
@@ -270,13 +270,13 @@ def test_a_search_submitted_as_a_ray_job_runs_on_added_nodes_and_a_stopped_one_r
     job(cluster, "submit", "--no-wait", "--submission-id", "paco-stopped", *tune_entrypoint(space))
     fs, experiment = filesystem(str(tmp_path / "runs" / "stopped"))
 
-    def registered() -> list[int]:
-        train_dir = tmp_path / "runs" / "stopped" / "train"
-        return [registered_epoch(fs, run) for run in subdirectories(fs, f"{experiment}/train")] \
-            if train_dir.is_dir() else []
+    def both_trials_registered() -> bool:
+        train = f"{experiment}/train"
+        epochs = [registered_epoch(fs, run) for run in subdirectories(fs, train)] if exists(fs, train) else []
+        return len(epochs) == 2 and min(epochs) >= 1
 
     try:
-        wait_until(lambda: len(registered()) == 2 and min(registered()) >= 1, 400, "a checkpoint of both trials")
+        wait_until(both_trials_registered, 400, "a checkpoint of both trials")
     except BaseException:
         print(job(cluster, "logs", "paco-stopped", check=False)[-6000:])
         raise
