@@ -171,7 +171,7 @@ def checkpoint_epochs(s3, run: str) -> Counter:
 
 
 def test_a_node_lost_mid_run_is_replaced_or_named_and_the_run_goes_on(autoscaling_cluster, bucket_data, s3):
-    cluster, epochs = autoscaling_cluster, 6
+    cluster, epochs = autoscaling_cluster, EPOCHS
     common = ["--workers", "1", "--set", f"data.path={bucket_data}", "--set", "data.loader=torch",
               "--set", "data.batch_size=16", "--set", f"optim.epochs={epochs}", "--set", "cpus_per_worker=2",
               "--set", "keep_checkpoints=10", "--set", f"storage_path={s3.uri('lost')}", "--set", "progress_every_s=1"]

@@ -25,10 +25,10 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent
 
 
-def space_file(tmp_path, dataset, **overrides):
+def space_file(tmp_path, dataset, epochs=4, **overrides):
     raw = {
         "base": {"data": {"path": str(dataset), "loader": "torch", "batch_size": 16},  # K below: 37, 50
-                 "paco": {"queue_size": 37}, "optim": {"epochs": 4, "warmup_epochs": 0}},
+                 "paco": {"queue_size": 37}, "optim": {"epochs": epochs, "warmup_epochs": 0}},
         "search": {"optim": {"lr": {"grid": [0.02, 1e-6]}}, "paco": {"queue_size": {"choice": [37, 50]}}},
         "scheduler": {"max_t": 3, "grace_period": 1, "reduction_factor": 2},
         "num_samples": 2, "max_concurrent_trials": 2,
@@ -111,8 +111,9 @@ def test_an_interrupted_grid_search_keeps_its_checkpoints_and_resumes_from_the_b
     retrains exactly the exported best config."""
     dataset = s3.uri("datasets/easy-tune")
     publish(Path(easy_dataset), dataset)
-    path = space_file(tmp_path, dataset, search={"optim": {"lr": {"grid": [0.02, 0.03, 0.04]}}},
-                      scheduler={"max_t": 4, "grace_period": 4, "reduction_factor": 2}, num_samples=1,
+    epochs = 3  # trial length and full budget
+    path = space_file(tmp_path, dataset, epochs=epochs, search={"optim": {"lr": {"grid": [0.02, 0.03, 0.04]}}},
+                      scheduler={"max_t": epochs, "grace_period": epochs, "reduction_factor": 2}, num_samples=1,
                       max_concurrent_trials=1, storage_path=s3.uri("tune"),
                       resources={"workers": 1, "cpus_per_worker": 1, "trial_driver_cpus": 0.1})
     fs, experiment = s3.fs, f"{s3.bucket}/tune/search"
@@ -138,7 +139,7 @@ def test_an_interrupted_grid_search_keeps_its_checkpoints_and_resumes_from_the_b
     assert not exists(fs, f"{experiment}/summary.txt")  # not summarised: nothing pruned
     registered = {run.rsplit("/", 1)[-1]: registered_epoch(fs, run) for run in runs}  # named by trial id
     before = trial_results(fs, experiment)
-    finished = [t for t, rows in before.items() if max(r["epoch"] for r in rows) == 4]
+    finished = [t for t, rows in before.items() if max(r["epoch"] for r in rows) == epochs]
     assert finished, "no trial had finished before the interruption"
 
     assert tune_cli.main([str(path), "--resume", "--then-train"]) == 0
@@ -147,12 +148,12 @@ def test_an_interrupted_grid_search_keeps_its_checkpoints_and_resumes_from_the_b
     assert len(after) == 3
     for trial, rows in after.items():
         seen = [r["epoch"] for r in rows]
-        assert max(seen) == 4
+        assert max(seen) == epochs
         if trial in finished:  # not run again
             assert seen == [r["epoch"] for r in before[trial]]
         else:  # resumed from its own last registered checkpoint, not from epoch 1 again (the report of an
             # epoch in flight at the interruption may never have reached Tune: its checkpoint did)
-            assert seen.count(1) <= 1 and len(seen) - len(set(seen)) <= 1 and 4 in seen
+            assert seen.count(1) <= 1 and len(seen) - len(set(seen)) <= 1 and epochs in seen
             # a restored trial counts training_iteration from 1 again: its first epoch after the resume
             resumed_at = [r["epoch"] for r in rows if r["training_iteration"] == 1][-1]
             assert resumed_at >= registered.get(trial, 0) + 1, \
@@ -161,10 +162,10 @@ def test_an_interrupted_grid_search_keeps_its_checkpoints_and_resumes_from_the_b
     # --then-train: exactly the exported best config, recorded with the experiment
     exported = yaml.safe_load(read(fs, f"{experiment}/best_config.yaml"))
     assert yaml.safe_load(read(fs, f"{experiment}/retrain/config.yaml")) == exported
-    assert "retraining best_config.yaml for 4 epochs, as exported (1 worker, global batch 16" in out
+    assert f"retraining best_config.yaml for {epochs} epochs, as exported (1 worker, global batch 16" in out
     assert any(p.rsplit("/", 1)[-1].startswith("checkpoint_") for p in subdirectories(fs, f"{experiment}/retrain"))
     summary = read(fs, f"{experiment}/summary.txt")
-    assert "retrained best_config.yaml for 4 epochs, as exported" in summary and "retrained best checkpoint:" in summary
+    assert f"retrained best_config.yaml for {epochs} epochs, as exported" in summary and "retrained best checkpoint:" in summary
     assert json.loads(read(fs, f"{experiment}/retrain/results.json"))["splits"]["test"]["balanced_acc"] >= 0
     # the checkpoint policy pruned objects in the bucket: the best checkpoint of each of the 2 best trials
     kept = [c for run in subdirectories(fs, f"{experiment}/train") for c in subdirectories(fs, run)
