@@ -265,6 +265,8 @@ def test_a_search_submitted_as_a_ray_job_runs_on_added_nodes_and_a_stopped_one_r
     from paco_ray.storage import exists, filesystem, subdirectories
 
     cluster = autoscaling_cluster
+    # an idle node left by an earlier test would hold a staged copy already: start from the head alone
+    wait_until(lambda: cluster.worker_node_ids() == [], 120, "the idle nodes of earlier tests to be removed", every=2)
     before = set(downloads_per_node(cluster))
     space = search_space(tmp_path, bucket_data, "stopped", max_t=4)
     job(cluster, "submit", "--no-wait", "--submission-id", "paco-stopped", *tune_entrypoint(space))
