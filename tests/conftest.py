@@ -234,6 +234,13 @@ def run_args(dataset, storage, name, *extra):
             "--set", "model.projector=mlp_bn", *extra]
 
 
+def final_state(run_dir: Path) -> dict:
+    """The state of a run's newest checkpoint."""
+    from paco_ray.checkpoint import load_state
+
+    return max((load_state(p) for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda s: s["epoch"])
+
+
 @pytest.fixture(scope="session")
 def uninterrupted(ray_cluster, tiny_dataset, tmp_path_factory):
     """The reference Ray run through the CLI (2 deterministic workers, local data and storage):

@@ -14,17 +14,12 @@ import psutil
 import pytest
 import torch
 
-from conftest import FAKE_HEAD_NODE_ID, REPO, run_args
-from paco_ray.checkpoint import load_state
+from conftest import FAKE_HEAD_NODE_ID, REPO, final_state, run_args
 from paco_ray.data.staging import DOWNLOAD_LOG
 from pipelines.writer import publish
 
 pytestmark = pytest.mark.ray
 EPOCHS = 4
-
-
-def final_state(run_dir: Path) -> dict:
-    return max((load_state(p) for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda s: s["epoch"])
 
 
 def train(cluster, *args, timeout=600) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ import torch
 
 from paco_ray.checkpoint import load_state
 from paco_ray.data.staging import DOWNLOAD_LOG, STAGE_DIR_ENV
-from conftest import EPOCHS, forget_cluster, free_port, run_args, stop_processes
+from conftest import EPOCHS, final_state, forget_cluster, free_port, run_args, stop_processes
 from pipelines.writer import publish
 
 pytestmark = pytest.mark.ray
@@ -88,10 +88,6 @@ def scrape(port: int) -> list[tuple[str, dict, float]]:
         if match:
             out.append((match[1], dict(re.findall(r'(\w+)="([^"]*)"', match[2])), float(match[3])))
     return out
-
-
-def final_state(run_dir: Path) -> dict:
-    return max((load_state(p) for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda s: s["epoch"])
 
 
 def assert_kept_best_and_latest(run_dir: Path, keep: int, epochs: int) -> None:
