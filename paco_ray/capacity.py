@@ -1,37 +1,41 @@
 """What a Ray cluster can hold: the nodes that are up now and, where an autoscaler runs, the nodes
 it may add. "Can these workers ever be placed?" is decided per node shape against the cluster at
 its largest, so a request that only an autoscaled node holds starts and waits for it, and only
-what can never fit is refused.
+what can never fit is refused. Where the node types cannot be known, nothing is refused: the run
+starts (as Ray Train does) and the autoscaler's own reports end a wait that cannot succeed.
 
 Where the node types come from (Ray 2.60), in this order:
 
-1. the cluster config in Ray's GCS, ``ray._private.state.state.get_cluster_config()``: the
-   autoscaler's node groups with their resources and max counts, which Ray Train V2 (its worker
-   group's insufficient-resources check) and Ray Data read; filled by an autoscaler that reports
-   it (Ray 2.60's own monitor, the one ``ray up`` and ``fake_multinode`` run, does not);
-2. the autoscaling config that this cluster's autoscaler runs with: the head's ``monitor.py
-   --autoscaling-config=FILE`` for this cluster's GCS address, in the head node's process table
-   (``ray up`` writes it as ``~/ray_bootstrap_config.yaml``; ``ray job submit`` runs drivers on
-   the head), or the file named by ``PACO_RAY_AUTOSCALING_CONFIG``;
-3. neither: no autoscaler; the cluster is the nodes that are up now.
+1. the running autoscaler: the cluster config in Ray's GCS (``get_cluster_config()``, which Ray
+   Train V2 and Ray Data read; filled by an autoscaler that reports it, which Ray 2.60's own do
+   not), else its monitor's ``--autoscaling-config`` where the monitor runs on this driver's
+   node (the head of a ``ray up`` cluster), else, in a KubeRay pod, the RayCluster resource
+   (node_types.py);
+2. the ``node_types`` config key: a cluster.yaml or RayCluster/RayJob manifest (a driver off the
+   head, or a pod without access to the Kubernetes API); where the running autoscaler's config is
+   found too and differs, that is said once and the running one is used;
+3. a monitor without an autoscaling config, or Ray's readonly report: no autoscaler, the cluster
+   is the nodes up now;
+4. none of these: unknown; said once, and nothing is refused.
+
+A live node's type is the one the autoscaler gives it (by node IP under v1, by node id under v2:
+autoscaler_status.py), else the one type of its shape, else, where several types share its shape,
+one of them that still has room.
 """
 from __future__ import annotations
 
 import math
-import os
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-AUTOSCALING_CONFIG_ENV = "PACO_RAY_AUTOSCALING_CONFIG"
+if TYPE_CHECKING:
+    from .autoscaler_status import AutoscalerStatus
+
+from .resources import format_resources
+
 HEAD_RESOURCE = "node:__internal_head__"  # Ray's own resource of the head node: a tiny request pins work there
-MONITORS = ("autoscaler/_private/monitor.py", "autoscaler/v2/monitor.py")
 EPS = 1e-9
-
-
-def format_resources(resources: dict[str, float]) -> str:
-    """``{GPU: 1, CPU: 8}``: accelerators first, then CPU, then the rest."""
-    order = sorted((r for r in resources if not r.startswith("node:")), key=lambda r: (r != "GPU", r != "CPU", r))
-    return "{" + ", ".join(f"{r}: {resources[r]:g}" for r in order) + "}"
 
 
 @dataclass(frozen=True)
@@ -68,10 +72,13 @@ class Capacity:
     max_nodes: float = math.inf
     max_resources: dict[str, float] = field(default_factory=dict)
     source: str = ""  # where the node types were read; "" for the nodes up now
+    known: bool = True  # False: the node types could not be read (kinds: the nodes up now); nothing is refused
+    note: str = ""  # why they are unknown, said once by the command
 
     @property
     def autoscaling(self) -> bool:
-        return any(k.most > k.up for k in self.kinds)
+        """Whether nodes may be added: an autoscaler's node types with room, or types unknown."""
+        return not self.known or any(k.most > k.up for k in self.kinds)
 
     @property
     def what(self) -> str:
@@ -114,7 +121,9 @@ class Capacity:
     def placement_problem(self, bundle: dict[str, float], workers: int, strategy: str = "PACK") -> str | None:
         """Why ``workers`` x ``bundle`` can never be placed with ``strategy``, in one line naming
         the resource and the node kinds; None when they can (now or once the autoscaler grows
-        the cluster)."""
+        the cluster), or when the node types are unknown."""
+        if not self.known:
+            return None
         if not any(k.copies(bundle) >= 1 and k.most >= 1 for k in self.kinds):
             known = [k.resources for k in self.kinds if k.resources is not None]
             short = [r for r, a in bundle.items() if a > max((res.get(r, 0.0) for res in known), default=0) + EPS]
@@ -176,45 +185,64 @@ def _place(bundle: dict[str, float], free: list, spare: list) -> bool:
 
 
 def from_autoscaling_config(config: dict[str, Any], live: Iterable[dict[str, Any]] = (),
-                            types_by_node: dict[str, str] | None = None, source: str = "") -> Capacity:
-    """The capacity an autoscaler with ``config`` (a cluster launcher YAML as a mapping) gives,
-    with ``live`` nodes (``ray.nodes()`` entries) counted against their types."""
+                            status: "AutoscalerStatus | None" = None, source: str = "") -> Capacity:
+    """The capacity an autoscaler with ``config`` (a cluster launcher mapping) gives, with the
+    ``live`` nodes (``ray.nodes()`` entries) counted against their types: the type the autoscaler's
+    ``status`` gives each, else the type of its shape (see the module docstring)."""
+    from .autoscaler_status import AutoscalerStatus, unique_ips
+
+    live = list(live)
+    status = status or AutoscalerStatus()
     types = config.get("available_node_types") or {}
     head = config.get("head_node_type")
-    up = _count_live(live, types, head, types_by_node or {})
+    most = {name: float((spec or {}).get("max_workers", 0 if name == head else config.get("max_workers", 0)))
+            + (1 if name == head else 0) for name, spec in types.items()}
+    up: dict[str, int] = {}
+    untyped = []
+    unique = unique_ips(live)
+    for node in live:
+        name = status.node_type(node, node.get("NodeManagerAddress", "") in unique)
+        if name not in types and head and HEAD_RESOURCE in (node.get("Resources") or {}):
+            name = head
+        if name not in types:
+            name = _type_by_shape(node, types, up, most)
+        if name is None:
+            untyped.append(node)
+        else:
+            up[name] = up.get(name, 0) + 1
     kinds = []
     for name, spec in types.items():
-        spec = spec or {}
-        resources = spec.get("resources")
-        most = float(spec.get("max_workers", 0 if name == head else config.get("max_workers", 0)))
-        declared = None if resources is None else {k: float(v) for k, v in resources.items()}
+        resources = (spec or {}).get("resources")
+        declared = None if resources is None else {k: float(v) for k, v in resources.items() if k != "memory"}
         if declared is not None and name == head:
             declared[HEAD_RESOURCE] = 1.0
-        kinds.append(NodeKind(name, declared, up=up.get(name, 0), most=most + (1 if name == head else 0)))
-    extra = [NodeKind(f"node {node_id[:8]}", _declared(n), up=1, most=1) for node_id, n in up.get(None, [])]
+        kinds.append(NodeKind(name, declared, up=up.get(name, 0), most=max(most[name], up.get(name, 0))))
+    kinds += [NodeKind(f"node {n.get('NodeID', '')[:8]}", _declared(n), up=1, most=1) for n in untyped]
     max_workers = config.get("max_workers")
-    return Capacity(tuple(kinds + extra), max_nodes=math.inf if max_workers is None else int(max_workers) + 1,
-                    source=source)
+    return Capacity(tuple(kinds), max_nodes=math.inf if max_workers is None else int(max_workers) + 1, source=source)
 
 
-def from_cluster_config(config, live: Iterable[dict[str, Any]] = ()) -> Capacity:
+def _type_by_shape(node: dict[str, Any], types: dict[str, Any], up: dict[str, int], most: dict[str, float]):
+    """The node type of ``node``'s shape; where several types share it, the first with room left."""
+    same = [t for t, spec in types.items() if _same_shape(node, (spec or {}).get("resources"))]
+    return next((t for t in same if up.get(t, 0) < most[t]), same[0] if same else None)
+
+
+def from_cluster_config(config, live: Iterable[dict[str, Any]] = (), status: "AutoscalerStatus | None" = None) -> Capacity:
     """The capacity in Ray's GCS cluster config (``autoscaler_pb2.ClusterConfig``)."""
     types = {g.name or f"group{i}": {"resources": dict(g.resources),
                                      "max_workers": math.inf if g.max_count == -1 else g.max_count}
              for i, g in enumerate(config.node_group_configs)}
-    up = _count_live(live, types, None, {})
-    kinds = [NodeKind(name, {k: float(v) for k, v in spec["resources"].items()}, up=up.get(name, 0),
-                      most=max(float(spec["max_workers"]), up.get(name, 0))) for name, spec in types.items()]
-    kinds += [NodeKind(f"node {node_id[:8]}", _declared(n), up=1, most=1) for node_id, n in up.get(None, [])]
-    return Capacity(tuple(kinds), max_resources={k: float(v) for k, v in config.max_resources.items()},
-                    source="Ray's cluster config")
+    capacity = from_autoscaling_config({"available_node_types": types}, live, status, source="Ray's cluster config")
+    return Capacity(capacity.kinds, max_resources={k: float(v) for k, v in config.max_resources.items()},
+                    source=capacity.source)
 
 
-def present(live: Iterable[dict[str, Any]]) -> Capacity:
-    """The nodes that are up now, each its own kind."""
+def present(live: Iterable[dict[str, Any]], known: bool = True, note: str = "") -> Capacity:
+    """The nodes that are up now, each its own kind (``known``: and no other node can be added)."""
     kinds = [NodeKind(f"node {n.get('NodeManagerAddress', '?')}" + ("" if i == 0 else f" #{i + 1}"), _declared(n),
                       up=1, most=1) for i, n in enumerate(live)]
-    return Capacity(tuple(kinds))
+    return Capacity(tuple(kinds), known=known, note=note)
 
 
 def _declared(node: dict[str, Any]) -> dict[str, float]:
@@ -223,103 +251,53 @@ def _declared(node: dict[str, Any]) -> dict[str, float]:
         not k.startswith("node:") and k not in ("memory", "object_store_memory") and "_group_" not in k)}
 
 
-def _count_live(live, types: dict[str, Any], head: str | None, types_by_node: dict[str, str]) -> dict:
-    """{type name: live nodes of that type, None: [(node id, node) of no known type]}."""
-    counts: dict = {}
-    for node in live:
-        node_id = node.get("NodeID", "")
-        name = types_by_node.get(node_id)
-        if name is None and head and "node:__internal_head__" in (node.get("Resources") or {}):
-            name = head
-        if name is None:
-            name = next((t for t, spec in types.items() if _same_shape(node, (spec or {}).get("resources"))), None)
-        if name is None or name not in types:
-            counts.setdefault(None, []).append((node_id, node))
-        else:
-            counts[name] = counts.get(name, 0) + 1
-    return counts
-
-
 def _same_shape(node: dict[str, Any], declared: dict[str, Any] | None) -> bool:
     if not declared:
         return False
     have = _declared(node)
-    return HEAD_RESOURCE not in have and all(abs(have.get(k, 0.0) - float(v)) < EPS for k, v in declared.items())
+    return HEAD_RESOURCE not in have and all(abs(have.get(k, 0.0) - float(v)) < EPS
+                                             for k, v in declared.items() if k != "memory")
 
 
-def read_capacity() -> Capacity:
-    """This cluster's capacity (Ray must be initialised): Ray's cluster config, else the
-    autoscaler's own config, else the nodes up now (see the module docstring)."""
+NO_SOURCE = ("the cluster's node types are unknown here (no node_types key, no cluster config in Ray's GCS, {monitor}, "
+             "{kuberay}): starting without a capacity check; the autoscaler decides whether the workers can be placed")
+
+
+def read_capacity(node_types: str = "") -> Capacity:
+    """This cluster's capacity (Ray must be initialised), from the sources in the module
+    docstring; ``node_types`` is the config key's file (empty: none)."""
     import ray
     from ray._private.state import state
 
+    from . import node_types as sources
+    from .autoscaler_status import read_status
+
     live = [n for n in ray.nodes() if n.get("Alive")]
+    status = read_status()
     config = state.get_cluster_config()
     if config is not None and config.node_group_configs:
-        return from_cluster_config(config, live)
-    path = os.environ.get(AUTOSCALING_CONFIG_ENV) or monitor_config_path(ray.get_runtime_context().gcs_address)
-    if path:
-        return from_autoscaling_config(load_yaml(path), live, autoscaler_report().get("node_type_mapping") or {},
-                                       source=f"the autoscaler's config {path}")
-    return present(live)
-
-
-def load_yaml(path: str) -> dict[str, Any]:
-    import yaml
-
-    from .schema import ConfigError
-
-    try:
-        with open(os.path.expanduser(path)) as f:
-            loaded = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{AUTOSCALING_CONFIG_ENV}: cannot read the autoscaling config {path} "
-                          f"({type(err).__name__})") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{AUTOSCALING_CONFIG_ENV}: {path} is not a cluster config mapping")
-    return loaded
-
-
-def monitor_config_path(gcs_address: str) -> str | None:
-    """The ``--autoscaling-config`` of the autoscaler monitoring ``gcs_address`` on this machine."""
-    import psutil
-
-    for process in psutil.process_iter(["cmdline"]):
-        args = process.info["cmdline"] or []
-        if not any(m in arg for arg in args for m in MONITORS) or f"--gcs-address={gcs_address}" not in args:
-            continue
-        for arg in args:
-            if arg.startswith("--autoscaling-config="):
-                return os.path.expanduser(arg.split("=", 1)[1])
-    return None
-
-
-def autoscaler_report() -> dict[str, Any]:
-    """The autoscaler's latest status report (pending and failed launches, node types by node
-    id), as ``ray status`` reads it; {} without one."""
-    import json
-
-    from ray._private import ray_constants
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
-
-    if not _internal_kv_initialized():
-        return {}
-    try:
-        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-        return (json.loads(raw) if raw else {}).get("autoscaler_report") or {}
-    except Exception:  # a status is a nicety: never fail a run over it
-        return {}
-
-
-def autoscaler_activity(report: dict[str, Any]) -> str:
-    """What the autoscaler is doing, in a few words: nodes launching, nodes that failed."""
-    parts = []
-    pending = dict(report.get("pending_launches") or {})
-    for _, node_type, *_ in report.get("pending_nodes") or []:
-        pending[node_type] = pending.get(node_type, 0) + 1
-    if pending:
-        parts.append("the autoscaler is launching " + ", ".join(f"{n} {t}" for t, n in sorted(pending.items())))
-    failed = report.get("failed_nodes") or []
-    if failed:
-        parts.append(f"{len(failed)} launch(es) failed: " + ", ".join(str(f[1]) for f in failed[:3]))
-    return "; ".join(parts) if parts else "no launch in progress"
+        return from_cluster_config(config, live, status)
+    declared = sources.from_file(node_types) if node_types else None
+    context = ray.get_runtime_context()
+    mine = next((n for n in live if n["NodeID"] == context.get_node_id()), {})
+    running = sources.on_this_node(context.gcs_address, mine.get("NodeManagerAddress", ""))
+    monitor = "no autoscaler monitor on this node"
+    if isinstance(running, str):
+        running, monitor = None, running
+    kuberay = "not in a KubeRay pod"
+    if running is None and (pod := sources.in_kuberay_pod()):
+        running = sources.from_kubernetes(*pod)
+        if isinstance(running, str):
+            running, kuberay = None, running
+    if isinstance(running, sources.NodeTypes):
+        if declared is not None and (differs := sources.differences(declared, running)):
+            sys.stderr.write(f"warning: node_types differs from the running autoscaler's ({differs}); "
+                             f"using the running autoscaler's\n")
+        chosen = running
+    else:
+        chosen = declared
+    if chosen is not None:
+        return from_autoscaling_config(chosen.config, live, status, source=chosen.source)
+    if running == sources.STATIC or status.readonly:
+        return present(live)
+    return present(live, known=False, note=NO_SOURCE.format(monitor=monitor, kuberay=kuberay))

@@ -29,7 +29,7 @@ REQUIRED_KEYS = ("config", "classes", "epoch", "model")
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng")  # beyond what every checkpoint has
 # What may change between a checkpoint and the run that resumes from it: resources, I/O, logging.
 RESUME_MAY_CHANGE = {"workers", "cpus_per_worker", "use_gpu", "amp", "amp_dtype", "storage_path", "name",
-                     "keep_checkpoints", "max_failures", "node_wait_s", "log_level", "placement_strategy",
+                     "keep_checkpoints", "max_failures", "node_wait_s", "node_infeasible_s", "node_types", "log_level", "placement_strategy",
                      "skip_nonfinite", "compile", "progress_every_s",
                      "resume_override", "data.num_workers", "data.eval_batch_size", "data.stage_dir",
                      *(f"default_data.{f.name}" for f in dataclasses.fields(DefaultDataConfig))}

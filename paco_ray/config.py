@@ -103,6 +103,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 0
     node_wait_s: float = 1800.0  # how long one attempt to place the workers waits for nodes; 0: no limit
+    # an attempt ends sooner once the autoscaler (v2) has reported the workers infeasible for this long; 0: never
+    node_infeasible_s: float = 60.0
+    node_types: str = ""  # cluster.yaml or RayCluster/RayJob manifest (path or URI) where the running
+    #                       autoscaler's config cannot be read from the driver (capacity.py); empty: none
     resume_override: bool = False  # resume from a checkpoint whose training settings differ from these
     skip_nonfinite: bool = False  # skip a step whose loss is NaN/Inf (default: stop with an error naming it)
     placement_strategy: str = "PACK"  # of the workers over nodes: PACK | SPREAD | STRICT_SPREAD | STRICT_PACK
@@ -150,6 +154,9 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", cfg.keep_checkpoints)
     check(cfg.max_failures >= -1, "max_failures", "must be >= -1 (-1: retry forever)", cfg.max_failures)
     check(cfg.node_wait_s >= 0, "node_wait_s", "must be >= 0 (0: wait without limit)", cfg.node_wait_s)
+    check(cfg.node_infeasible_s >= 0, "node_infeasible_s", "must be >= 0 (0: wait node_wait_s whatever the "
+          "autoscaler reports)", cfg.node_infeasible_s)
+    check_no_credentials("node_types", cfg.node_types)
     check(cfg.placement_strategy in PLACEMENTS, "placement_strategy", f"must be one of {', '.join(PLACEMENTS)}",
            cfg.placement_strategy)
     check(bool(cfg.storage_path), "storage_path", "must not be empty", cfg.storage_path)
@@ -246,7 +253,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     # absolute: Ray and Tune change the working directory
     data = dataclasses.replace(cfg.data, path=absolute_storage(cfg.data.path) if cfg.data.path else "")
     model = dataclasses.replace(cfg.model, pretrained=absolute_storage(cfg.model.pretrained) if cfg.model.pretrained else "")
-    return dataclasses.replace(cfg, storage_path=absolute_storage(cfg.storage_path), data=data, model=model)
+    return dataclasses.replace(cfg, storage_path=absolute_storage(cfg.storage_path), data=data, model=model,
+                               node_types=absolute_storage(cfg.node_types) if cfg.node_types else "")
 
 
 def with_data_path(cfg: TrainConfig, path: str | os.PathLike) -> TrainConfig:

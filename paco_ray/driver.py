@@ -10,7 +10,9 @@ import sys
 from typing import Any, Callable
 
 from .best_checkpoint import SELECTION_METRIC
-from .capacity import Capacity, autoscaler_activity, autoscaler_report, format_resources, read_capacity
+from .autoscaler_status import read_status
+from .capacity import Capacity, read_capacity
+from .resources import format_resources
 from .config import TrainConfig
 from .data.staging import STAGE_TIMEOUT_S
 from .faults import KillPlan
@@ -81,8 +83,11 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
 
 def check_fits_cluster(cfg: TrainConfig, capacity: Capacity | None = None) -> Capacity:
     """Fail fast, in one line, when the workers can never be placed on this cluster: not on the
-    nodes up now, nor, where an autoscaler runs, on the nodes it may add. Returns the capacity."""
-    capacity = capacity or read_capacity()
+    nodes up now, nor, where an autoscaler runs, on the nodes it may add. Where the node types
+    are unknown, says so once and refuses nothing. Returns the capacity."""
+    capacity = capacity or read_capacity(cfg.node_types)
+    if capacity.note:
+        print(f"note: {capacity.note}", file=sys.stderr)
     problem = capacity.placement_problem(worker_resources(cfg), cfg.workers, cfg.placement_strategy)
     if problem:
         raise ConfigError(problem)
@@ -120,10 +125,12 @@ def run_trainer(loop: Callable[[dict], None], cfg: TrainConfig, *, name: str, st
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .node_wait import WaitingLine
+    from .node_wait import WaitingLine, forget_reason, run_key
 
+    forget_reason(run_key(storage_path, name))
     kill_plan = KillPlan.from_env(os.environ)
-    waiting = WaitingLine(cfg.workers, worker_resources(cfg), cfg.progress_every_s, autoscaling, trial_id_of(name))
+    waiting = WaitingLine(cfg.workers, worker_resources(cfg), cfg.progress_every_s, autoscaling, trial_id_of(name),
+                          cfg.placement_strategy, cfg.node_infeasible_s, run_key(storage_path, name))
     # Workers stage a dataset in object storage before their first collective: the process group
     # waits longer than a node may stage, so a slow node ends in the staging error naming it.
     collective_timeout_s = 1800 + (STAGE_TIMEOUT_S if is_uri(cfg.data.path) else 0)
@@ -167,16 +174,22 @@ def evaluate_on_cluster(checkpoint: str, cfg: TrainConfig, splits: list[str] | N
         raise err.cause from None
 
 
-def failure_line(error: BaseException, cfg: TrainConfig | None = None) -> str:
+def failure_line(error: BaseException, cfg: TrainConfig | None = None, name: str | None = None) -> str:
     """One line for a failed run: the worker that caused it and its own error, not the traceback
     Ray wraps around every worker's (a lost worker first: the others then fail in collectives,
-    and a lost node is named); workers that were never placed, with what the autoscaler did."""
+    and a lost node is named); workers that were never placed, with what the autoscaler did or
+    reported (``name``: the Train run's, when not ``cfg.run_name``)."""
     failures: dict[int, Any] = getattr(error, "worker_failures", None) or {}
     if not failures:
         cause = getattr(error, "controller_failure", error)
         if type(cause).__name__ == "WorkerGroupStartupTimeoutError" and cfg is not None:
-            return (f"the {cfg.workers} workers ({format_resources(worker_resources(cfg))} each) were not placed "
-                    f"within node_wait_s={cfg.node_wait_s:g} s; {autoscaler_activity(autoscaler_report())}")
+            from .node_wait import run_key, unplaceable_reason
+
+            workers = f"the {cfg.workers} workers ({format_resources(worker_resources(cfg))} each)"
+            reason = unplaceable_reason(run_key(cfg.storage_path, cfg.run_name if name is None else name))
+            if reason:
+                return f"{workers} can never be placed: {reason}"
+            return f"{workers} were not placed within node_wait_s={cfg.node_wait_s:g} s; {read_status().activity()}"
         return f"{type(cause).__name__}: {_first_line(cause)}"
     died = sorted(rank for rank, err in failures.items() if type(err).__name__ in WORKER_DEATHS)
     if died:

@@ -212,8 +212,8 @@ def parse(raw: Any, source: str = "search space") -> SearchSpace:
 
 
 def _parse_base(base: Any) -> tuple[dict[str, Any], TrainConfig]:
-    """The raw base config (renamed keys upgraded, data.path and model.pretrained absolute) and its
-    validated config."""
+    """The raw base config (renamed keys upgraded, data.path, model.pretrained and node_types
+    absolute) and its validated config."""
     base = base or {}
     if not isinstance(base, dict):
         raise ConfigError(f"base: expected a training config mapping, got {base!r}")
@@ -225,7 +225,8 @@ def _parse_base(base: Any) -> tuple[dict[str, Any], TrainConfig]:
         base_cfg = TrainConfig.from_dict(base)
     except ConfigError as err:
         raise ConfigError(f"base: {err}") from None
-    for key, value in (("data.path", base_cfg.data.path), ("model.pretrained", base_cfg.model.pretrained)):
+    for key, value in (("data.path", base_cfg.data.path), ("model.pretrained", base_cfg.model.pretrained),
+                       ("node_types", base_cfg.node_types)):
         if value:  # absolute: Tune changes the working directory
             set_dotted(base, key, absolute_storage(value))
     return base, base_cfg

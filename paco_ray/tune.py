@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from .capacity import Capacity, format_resources
+from .capacity import Capacity
+from .resources import format_resources
 from .config import TrainConfig
 from .data.prepared import DatasetError
 from .data.staging import check_dataset
@@ -86,7 +87,20 @@ def trials_that_fit(space: SearchSpace, capacity: Capacity, limit: int = 256) ->
 
 def concurrency(space: SearchSpace, capacity: Capacity, trials: int = 256) -> int:
     """Trials at once: ``max_concurrent_trials`` (0: as many as fit), never more than fit the
-    cluster at its largest (more would wait for workers that never start), nor than ``trials``."""
+    cluster at its largest (more would wait for workers that never start), nor than ``trials``.
+    Where the node types are unknown: ``max_concurrent_trials``, or (0) what fits the nodes up
+    now, at least one."""
+    if not capacity.known:
+        if space.max_concurrent_trials:
+            return min(space.max_concurrent_trials, max(1, trials))
+        now = dataclasses.replace(capacity, known=True, note="")
+        try:
+            fits = trials_that_fit(space, now, limit=max(1, trials))
+        except ConfigError:
+            fits = 1
+        sys.stderr.write(f"warning: max_concurrent_trials=0 with unknown node types: running {fits} at once (what "
+                         "fits the nodes up now); set max_concurrent_trials for more\n")
+        return fits
     fits = trials_that_fit(space, capacity, limit=max(1, trials))
     if space.max_concurrent_trials == 0 or space.max_concurrent_trials <= fits:
         return min(space.max_concurrent_trials or fits, fits)
@@ -99,6 +113,9 @@ def concurrency(space: SearchSpace, capacity: Capacity, trials: int = 256) -> in
 def scale_to_cluster(cfg: TrainConfig, capacity: Capacity) -> TrainConfig:
     """The same config on every worker the cluster can hold at its largest: the per-worker batch
     is kept, the global batch grows with the workers and the learning rate scales linearly with it."""
+    if not capacity.known:
+        raise ConfigError(f"--scale-to-cluster: {capacity.note.split(':')[0]}; set node_types (a cluster.yaml or "
+                          "RayCluster manifest) or retrain as exported")
     per_worker_batch = cfg.data.batch_size // cfg.workers
     cpus_per_worker = cfg.cpus_per_worker
     if cfg.use_gpu:
@@ -303,7 +320,7 @@ def retrain_best(best_cfg: TrainConfig, space: SearchSpace, report: list[str], s
     from .metrics import format_table
     from .train import train_and_evaluate
 
-    capacity = read_capacity()
+    capacity = read_capacity(best_cfg.node_types)
     cfg = scale_to_cluster(best_cfg, capacity) if scale else best_cfg
     how = (f"scaled to the cluster: {best_cfg.workers} -> {cfg.workers} workers, global batch "
            f"{best_cfg.data.batch_size} -> {cfg.data.batch_size}, lr {best_cfg.optim.lr:g} -> {cfg.optim.lr:g}; the "
@@ -336,7 +353,9 @@ def run(space: SearchSpace, resume: bool, then_train: bool, retry_errored: bool 
     declared, space = space.to_dict(), with_prepared_space(space)  # bad data fails before Ray starts
     check_gpu_request(space.full_config().use_gpu)
     start_ray()
-    capacity = read_capacity()
+    capacity = read_capacity(space.full_config().node_types)
+    if capacity.note:
+        print(f"note: {capacity.note}", file=sys.stderr)
     max_concurrent = concurrency(space, capacity, space.trial_count())
     tuner = build_tuner(space, resume, max_concurrent, capacity.autoscaling, retry_errored)
     if not resume:

@@ -2,6 +2,7 @@
 nodes up now, per-node shapes (not summed resources), and trial concurrency, each checked against
 an independent brute-force count."""
 import itertools
+import re
 import math
 from pathlib import Path
 
@@ -115,3 +116,40 @@ def test_retraining_scaled_to_the_shipped_cluster_uses_every_gpu_it_can_grow_to(
     unbounded = Capacity((NodeKind("any", {"CPU": 4.0, "GPU": 1.0}, most=math.inf),))
     with pytest.raises(ConfigError, match="no limit on its nodes"):
         scale_to_cluster(gpu, unbounded)
+
+
+def test_unknown_node_types_refuse_nothing_and_size_a_search_from_its_own_limit(capsys):
+    """Where the node types cannot be read (KubeRay without API access, a driver off the head),
+    nothing is refused, as Ray Train does: the autoscaler's own reports end a wait that cannot succeed."""
+    unknown = present([HEAD], known=False, note="the cluster's node types are unknown here")
+    assert unknown.autoscaling and unknown.placement_problem({"CPU": 8, "GPU": 8}, 64, "STRICT_SPREAD") is None
+    imagenet = load_space(REPO / "search_spaces" / "imagenet_lt.yaml")  # GPU trials, none fit the head
+    assert concurrency(imagenet, unknown, trials=12) == imagenet.max_concurrent_trials
+    imagenet.max_concurrent_trials = 0  # "as many as fit": what fits the nodes up now, at least one
+    assert concurrency(imagenet, unknown, trials=12) == 1
+    assert "max_concurrent_trials=0 with unknown node types: running 1 at once" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"--scale-to-cluster: the cluster's node types are unknown here; set "
+                                          r"node_types"):
+        scale_to_cluster(imagenet.full_config(), unknown)
+
+
+def test_node_types_from_a_cluster_file_and_what_contradicts_the_running_autoscaler(tmp_path):
+    from paco_ray.node_types import differences, from_file
+
+    shipped = from_file(str(REPO / "cluster.yaml"))
+    assert set(shipped.config["available_node_types"]) == {"head", "gpu_small", "gpu_large"}
+    other = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    other["available_node_types"]["gpu_large"]["max_workers"] = 2
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    running = from_file(str(tmp_path / "other.yaml"))
+    assert differences(shipped, shipped) is None
+    assert differences(shipped, running) == (f"gpu_large: {{'CPU': 48.0, 'GPU': 4.0}} up to 4 in {REPO / 'cluster.yaml'}, "
+                                             f"{{'CPU': 48.0, 'GPU': 4.0}} up to 2 in {tmp_path / 'other.yaml'}")
+    for text, message in (("[1, 2]", "is not a mapping"), ("kind: Deployment\n", "neither a cluster launcher config"),
+                          ("kind: RayCluster\nspec: {}\n", "has no RayCluster spec (spec.headGroupSpec)"),
+                          ("a: [", "cannot read")):
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=r"^node_types: .*" + re.escape(message)):
+            from_file(str(tmp_path / "bad.yaml"))
+    with pytest.raises(ConfigError, match=r"^node_types: cannot read /nonexistent.yaml \(FileNotFoundError\)"):
+        from_file("/nonexistent.yaml")
