@@ -7,7 +7,10 @@ import pickle
 import shutil
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,11 +295,21 @@ EMPTY_LISTS = ("initialization_commands", "setup_commands", "head_setup_commands
                "rsync_filter")
 
 
+NO_CAPACITY_TYPE = "gpu_xlarge"  # a node type whose every launch fails as a cloud with no capacity left
+NO_CAPACITY = ["InsufficientInstanceCapacity", "We currently do not have sufficient p5.48xlarge capacity in the "
+               "Availability Zone you requested"]
+
+
 def fake_autoscaling_config(cluster: dict, gcs_address: str, cpu_scale: float = 0.5, max_nodes: int = 2) -> dict:
-    """``cluster.yaml``'s own node types on Ray's ``fake_multinode`` provider, scaled down to this
+    """``cluster.yaml``'s own node types on Ray's ``fake_multinode`` provider (as the test
+    provider autoscaler_provider.CloudLikeProvider: each node its own IP), scaled down to this
     machine: each worker type keeps its name and resource keys (GPUs stay, as logical resources),
     its CPUs times ``cpu_scale`` (at least 1), at most ``max_nodes`` nodes of it and in all, none
-    up at the start; the head holds 1 CPU (the drivers' node, as on the real cluster)."""
+    up at the start; the head holds 1 CPU (the drivers' node, as on the real cluster). One more
+    type, NO_CAPACITY_TYPE (64 CPUs and 8 GPUs on one node, more than any type of cluster.yaml
+    has, so that only a request no other type holds goes there: Ray's v1 scorer prefers the node a
+    request fills most), can never be launched: the provider fails it with the cloud's NO_CAPACITY
+    reason."""
     types = {FAKE_HEAD_TYPE: {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0}}
     for name, spec in cluster["available_node_types"].items():
         if name == cluster["head_node_type"]:
@@ -304,10 +317,13 @@ def fake_autoscaling_config(cluster: dict, gcs_address: str, cpu_scale: float = 
         resources = {k: (max(1, int(v * cpu_scale)) if k == "CPU" else v) for k, v in spec["resources"].items()}
         types[name] = {"resources": resources, "node_config": {}, "min_workers": 0,
                        "max_workers": min(spec["max_workers"], max_nodes)}
+    types[NO_CAPACITY_TYPE] = {"resources": {"CPU": 64, "GPU": 8}, "node_config": {}, "min_workers": 0, "max_workers": 1}
     config = {"cluster_name": "paco-fake", "max_workers": min(cluster["max_workers"], max_nodes),
               "upscaling_speed": cluster["upscaling_speed"], "idle_timeout_minutes": 0.25,
-              "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                           "disable_launch_config_check": True, "gcs_address": gcs_address},
+              "provider": {"type": "external", "module": "autoscaler_provider.CloudLikeProvider",
+                           "use_node_id_as_ip": False, "disable_node_updaters": True,
+                           "disable_launch_config_check": True, "gcs_address": gcs_address,
+                           "fail_launches": {NO_CAPACITY_TYPE: NO_CAPACITY}},
               "available_node_types": types, "head_node_type": FAKE_HEAD_TYPE, "auth": {}, "docker": {},
               "file_mounts": {}, "file_mounts_sync_continuously": False}
     return {**config, **{key: [] for key in EMPTY_LISTS}}
@@ -321,6 +337,7 @@ class AutoscalingCluster:
     env: dict                    # for drivers and `ray` commands on this cluster (token auth on)
     config: dict                 # the autoscaler's config
     stage_dirs: Path             # PACO_RAY_STAGE_DIR is stage_dirs/{node_id}: one cache per node
+    config_path: Path            # the autoscaler's config file (its monitor's --autoscaling-config)
 
     def rest(self, path: str):
         import json
@@ -338,17 +355,15 @@ class AutoscalingCluster:
         return sorted(n["raylet"]["nodeId"] for n in self.nodes() if n["raylet"]["nodeId"] != FAKE_HEAD_NODE_ID)
 
 
-@pytest.fixture(scope="module")
-def autoscaling_cluster(ray_cluster, s3, tmp_path_factory):
-    """A head with Ray's own autoscaler on the ``fake_multinode`` provider and no worker node: the
-    node types of cluster.yaml, scaled down (fake_autoscaling_config). Token auth on (the session
-    cluster's token); the S3 test server's environment reaches every node the autoscaler adds.
-    Stopped after its module: while two Ray clusters run on one machine, a process of the session
-    cluster that asks Ray's state API without an address (Train's placement-group cleaner, after
-    Tune stops a trial) cannot tell which is meant, and the stopped trial's workers stay placed."""
-    import subprocess
-    import sys
-
+@contextlib.contextmanager
+def autoscaling_cluster_running(v2: bool = False):
+    """A head with Ray's own autoscaler (``v2``: autoscaler v2, KubeRay's default) on the
+    ``fake_multinode`` provider and no worker node: the node types of cluster.yaml, scaled down
+    (fake_autoscaling_config). Token auth on (the session cluster's token); the S3 test server's
+    environment reaches every node the autoscaler adds. Stopped when the block ends: while two
+    Ray clusters run on one machine, a process of the session cluster that asks Ray's state API
+    without an address (Train's placement-group cleaner, after Tune stops a trial) cannot tell
+    which is meant, and the stopped trial's workers stay placed."""
     import yaml
 
     token = (Path(os.environ["HOME"]) / ".ray" / "auth_token").read_text().strip()
@@ -359,28 +374,89 @@ def autoscaling_cluster(ray_cluster, s3, tmp_path_factory):
     host = get_node_ip_address()  # the address `ray start` binds and the provider's nodes join
     cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
     config = fake_autoscaling_config(cluster, f"{host}:{gcs}")
-    (temp / "autoscaler.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO), "RAY_FAKE_CLUSTER": "1",
+    (temp / "autoscaler").mkdir()  # a directory of its own: a test may hide it from a driver
+    (temp / "autoscaler" / "autoscaler.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "RAY_FAKE_CLUSTER": "1",
            "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "5", "PACO_RAY_STAGE_DIR": str(temp / "stage" / "{node_id}")}
+    if v2:
+        env["RAY_enable_autoscaler_v2"] = "1"
     env.pop("RAY_ADDRESS", None)
     ray_bin = str(Path(sys.executable).parent / "ray")
     try:
         subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", f"--temp-dir={temp}/ray",
-                        f"--autoscaling-config={temp / 'autoscaler.yaml'}", "--num-cpus=1", "--disable-usage-stats",
+                        f"--autoscaling-config={temp / 'autoscaler' / 'autoscaler.yaml'}", "--num-cpus=1", "--disable-usage-stats",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                         f"--metrics-export-port={free_port()}"],
-                       # RAY_ADDRESS: this cluster's own processes find it beside the session cluster
+                       # RAY_ADDRESS: this cluster's own processes find it beside the session cluster; the
+                       # cloud instance id and node type name are what autoscaler v2 knows the head by
                        env={**env, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
+                            "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID, "RAY_NODE_TYPE_NAME": FAKE_HEAD_TYPE,
                             "RAY_ADDRESS": f"{host}:{gcs}"}, check=True,
                        capture_output=True, timeout=180)
         driver_env = {k: v for k, v in env.items() if k not in ("RAY_FAKE_CLUSTER", "AUTOSCALER_HEARTBEAT_TIMEOUT_S")}
         yield AutoscalingCluster(f"{host}:{gcs}", f"http://127.0.0.1:{dashboard}", token,
-                                 {**driver_env, "RAY_ADDRESS": f"{host}:{gcs}"}, config, temp / "stage")
+                                 {**driver_env, "RAY_ADDRESS": f"{host}:{gcs}"}, config, temp / "stage",
+                                 temp / "autoscaler" / "autoscaler.yaml")
     finally:
         stop_processes([str(temp), f":{gcs}"])
         shutil.rmtree(temp, ignore_errors=True)
         forget_cluster(f":{gcs}")
+
+
+@pytest.fixture(scope="module")
+def autoscaling_cluster(ray_cluster, s3):
+    """Ray's autoscaler v1 on the fake provider, for one test module (autoscaling_cluster_running)."""
+    with autoscaling_cluster_running() as cluster:
+        yield cluster
+
+
+# ----------------------------------------------------------------------------- drivers on the autoscaling clusters
+
+
+def cluster_train(cluster, *args, timeout=600) -> subprocess.CompletedProcess:
+    """``python -m paco_ray.train`` as a driver on the autoscaling cluster."""
+    return subprocess.run([sys.executable, "-m", "paco_ray.train", *args], env=cluster.env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def downloads_per_node(cluster) -> dict[str, int]:
+    """{Ray node id: downloads logged in that node's own cache}."""
+    from paco_ray.data.staging import DOWNLOAD_LOG
+
+    return {log.parent.parent.name: len(log.read_text().splitlines())
+            for log in cluster.stage_dirs.glob(f"*/*/{DOWNLOAD_LOG}")}
+
+
+def wait_until(predicate, timeout: float, what: str, every: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+
+
+CAPACITY_PROBE = """
+import json, ray
+from paco_ray.autoscaler_status import read_status
+from paco_ray.capacity import read_capacity
+ray.init(log_to_driver=False)
+capacity, status = read_capacity(), read_status()
+print(json.dumps({"up": {k.name: k.up for k in capacity.kinds if k.up}, "types_by_ip": status.types_by_ip,
+                  "types_by_node_id": status.types_by_node_id, "source": capacity.source,
+                  "known": capacity.known, "ips": {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}}))
+"""
+
+
+def capacity_seen_by_a_driver(cluster) -> dict:
+    """What a driver on the head reads of the cluster (read_capacity and the autoscaler's status)."""
+    done = subprocess.run([sys.executable, "-c", CAPACITY_PROBE], env=cluster.env, cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
 
 
 def forget_cluster(marker: str) -> None:
